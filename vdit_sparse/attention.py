@@ -1,0 +1,82 @@
+"""One attention call without a pipeline: plan with a method, run the plan, report the density."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layout import VideoLayout
+from .methods import AttentionContext, get_method
+from .params import Params
+
+DENSE_BACKENDS = ("sdpa", "xformers", "reference")
+
+
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def dense_attention(q, k, v, backend: str = "sdpa") -> torch.Tensor:
+    """(B, H, N, D) full attention through torch SDPA, xformers, or the float32 reference."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "xformers":
+        if not xformers_available():
+            raise ValueError("backend='xformers': xformers is not installed (pip install 'vdit-sparse[xformers]')")
+        import xformers.ops as xops
+
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if backend == "reference":
+        scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) / math.sqrt(q.shape[-1])
+        return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v.float()).to(q.dtype)
+    raise ValueError(f"backend={backend!r}: unknown dense backend; known: {', '.join(DENSE_BACKENDS)}")
+
+
+def check_qkv(q, k, v, layout: VideoLayout) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a (B, H, N, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v: shapes must agree as (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    layout.check(q.shape[2], "q sequence length")
+
+
+def run_method(q, k, v, ctx: AttentionContext, method: str, params: Params, dense_fn=None):
+    """Plan and compute one call. Returns (out (B, H, N, D), info) with ``info["density"]`` (B, H)."""
+    from .kernels import block_sparse_attention
+
+    impl = get_method(method)
+    plan, info = impl.plan(q, k, ctx, params)
+    if plan is None:
+        out = dense_fn(q, k, v) if dense_fn is not None else dense_attention(q, k, v)
+        info["density"] = torch.ones(q.shape[0], q.shape[1])
+    else:
+        out = block_sparse_attention(q, k, v, plan)
+        info["density"] = plan.density().cpu()
+    info["plan"] = plan
+    return out, info
+
+
+def sparse_attention(q, k, v, layout: VideoLayout, method: str = "dense", **params):
+    """(out, info): attention of q, k, v (B, H, N, D) with ``method``.
+
+    ``info["density"]`` is the realised density (mean over batch and heads, a float);
+    ``info["density_per_head"]`` the (B, H) tensor. Methods add their own keys (DESIGN.md).
+    """
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout: expected a VideoLayout, got {type(layout).__name__}")
+    check_qkv(q, k, v, layout)
+    p = Params().updated(**params)
+    out, info = run_method(q, k, v, AttentionContext(layout=layout), method, p)
+    per_head = info.pop("density")
+    info.pop("plan", None)
+    info["density_per_head"] = per_head
+    info["density"] = float(per_head.mean())
+    return out, info

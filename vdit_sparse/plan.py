@@ -1,0 +1,221 @@
+"""BlockPlan: *what* attention to compute, as plain tensors. One kernel runs any plan.
+
+Tokens are seen in *plan order*: plan position ``i`` of batch·head ``g`` holds model token
+``q_perm[g, i]`` (identity when ``q_perm`` is None; likewise ``k_perm`` for keys and values).
+Plan order is cut into segments: query segment ``s`` covers plan positions
+``q_offsets[g, s] : q_offsets[g, s + 1]``, key segment ``t`` covers ``k_offsets[g, t] : k_offsets[g, t + 1]``.
+Query segment ``s`` attends to the ``kv_count[g, s]`` key segments listed in ``kv_index[g, s, :count]``;
+every other (query, key) pair is skipped. Segments may have any size (clusters of unequal size);
+uniform blocks are the special case ``offsets = arange * block``.
+
+Memory is O(G · segments²) indices at most, never O(N²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .layout import VideoLayout
+
+
+@dataclass
+class BlockPlan:
+    q_offsets: torch.Tensor  # (G, Sq + 1) int32, non-decreasing, 0 .. N
+    k_offsets: torch.Tensor  # (G, Sk + 1) int32, non-decreasing, 0 .. N
+    kv_count: torch.Tensor  # (G, Sq) int32
+    kv_index: torch.Tensor  # (G, Sq, L) int32; entries at or past kv_count are ignored
+    batch: int
+    heads: int
+    q_perm: torch.Tensor | None = None  # (G, N) int32: plan position -> model token
+    k_perm: torch.Tensor | None = None  # (G, N) int32
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q_offsets[0, -1])
+
+    @property
+    def groups(self) -> int:
+        return self.batch * self.heads
+
+    def density(self) -> torch.Tensor:
+        """(B, H) float32: computed (query, key) pairs over N², counted exactly from segment sizes."""
+        q_sizes = self.q_offsets.diff(dim=1).float()  # (G, Sq)
+        k_sizes = self.k_offsets.diff(dim=1).float()  # (G, Sk)
+        valid = torch.arange(self.kv_index.shape[2], device=self.kv_index.device) < self.kv_count[..., None]
+        idx = self.kv_index.long().clamp(0, k_sizes.shape[1] - 1)
+        kept = torch.gather(k_sizes[:, None, :].expand(-1, idx.shape[1], -1), 2, idx) * valid  # (G, Sq, L)
+        pairs = (kept.sum(2) * q_sizes).sum(1)  # (G,)
+        return (pairs / float(self.num_tokens) ** 2).view(self.batch, self.heads)
+
+    def drop(self, skip: torch.Tensor) -> "BlockPlan":
+        """The plan without the listed entries; ``skip`` (G, Sq, L) bool marks kv_index entries to remove."""
+        L = self.kv_index.shape[2]
+        valid = torch.arange(L, device=skip.device) < self.kv_count[..., None]
+        keep = valid & ~skip
+        # stable sort moves kept entries to the front, in their original order
+        order = torch.sort((~keep).to(torch.int8), dim=2, stable=True).indices
+        kv_index = torch.gather(self.kv_index, 2, order)
+        return replace(self, kv_index=kv_index.contiguous(), kv_count=keep.sum(2).to(torch.int32))
+
+    def validate(self, num_tokens: int | None = None) -> None:
+        """Raise ValueError when the tensors do not describe a well-formed plan."""
+        G = self.groups
+        for name in ("q_offsets", "k_offsets", "kv_count", "kv_index"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32 or t.shape[0] != G:
+                raise ValueError(f"BlockPlan.{name}: expected int32 with first dim {G}, got {t.dtype} {tuple(t.shape)}")
+        n = self.num_tokens if num_tokens is None else num_tokens
+        for name in ("q_offsets", "k_offsets"):
+            off = getattr(self, name)
+            if (off[:, 0] != 0).any() or (off[:, -1] != n).any() or (off.diff(dim=1) < 0).any():
+                raise ValueError(f"BlockPlan.{name}: must rise from 0 to {n} in every row")
+        Sq, Sk = self.q_offsets.shape[1] - 1, self.k_offsets.shape[1] - 1
+        if self.kv_count.shape != (G, Sq) or self.kv_index.shape[:2] != (G, Sq):
+            raise ValueError(f"BlockPlan.kv_count/kv_index: expected leading shape ({G}, {Sq})")
+        if (self.kv_count < 0).any() or (self.kv_count > self.kv_index.shape[2]).any():
+            raise ValueError("BlockPlan.kv_count: must lie in [0, kv_index.shape[2]]")
+        valid = torch.arange(self.kv_index.shape[2], device=self.kv_index.device) < self.kv_count[..., None]
+        listed = self.kv_index[valid]
+        if listed.numel() and (listed.min() < 0 or listed.max() >= Sk):
+            raise ValueError(f"BlockPlan.kv_index: listed key segments must lie in [0, {Sk})")
+        for name in ("q_perm", "k_perm"):
+            perm = getattr(self, name)
+            if perm is None:
+                continue
+            if perm.shape != (G, n) or perm.dtype != torch.int32:
+                raise ValueError(f"BlockPlan.{name}: expected int32 ({G}, {n}), got {perm.dtype} {tuple(perm.shape)}")
+            if not torch.equal(perm.sort(dim=1).values, torch.arange(n, device=perm.device, dtype=perm.dtype).expand(G, n)):
+                raise ValueError(f"BlockPlan.{name}: every row must be a permutation of 0..{n - 1}")
+
+    def token_mask(self) -> torch.Tensor:
+        """(B, H, N, N) bool in model order. O(N²): for tests and references at small N only."""
+        G, n = self.groups, self.num_tokens
+        Sk = self.k_offsets.shape[1] - 1
+        q_seg = _segment_ids(self.q_offsets, n)  # (G, N) plan position -> segment
+        k_seg = _segment_ids(self.k_offsets, n)
+        sel = torch.zeros(G, self.q_offsets.shape[1] - 1, Sk + 1, dtype=torch.bool, device=self.kv_index.device)
+        valid = torch.arange(self.kv_index.shape[2], device=sel.device) < self.kv_count[..., None]
+        idx = torch.where(valid, self.kv_index.long(), Sk)  # invalid entries go to a spare column
+        sel.scatter_(2, idx, True)
+        sel = sel[..., :Sk]
+        plan_mask = torch.gather(sel, 1, q_seg.long()[..., None].expand(-1, -1, Sk))  # (G, N, Sk)
+        plan_mask = torch.gather(plan_mask, 2, k_seg.long()[:, None, :].expand(-1, n, -1))  # (G, N, N)
+        if self.q_perm is not None:  # plan row i is model row q_perm[i]
+            out = torch.empty_like(plan_mask)
+            out.scatter_(1, self.q_perm.long()[..., None].expand(-1, -1, n), plan_mask)
+            plan_mask = out
+        if self.k_perm is not None:
+            out = torch.empty_like(plan_mask)
+            out.scatter_(2, self.k_perm.long()[:, None, :].expand(-1, n, -1), plan_mask)
+            plan_mask = out
+        return plan_mask.view(self.batch, self.heads, n, n)
+
+
+def _segment_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """(G, N) int: the segment each plan position falls in."""
+    pos = torch.arange(n, device=offsets.device, dtype=offsets.dtype).expand(offsets.shape[0], n).contiguous()
+    return torch.searchsorted(offsets[:, 1:].contiguous(), pos, right=True)
+
+
+def uniform_offsets(n: int, block: int, groups: int, device=None) -> torch.Tensor:
+    """(groups, ceil(n / block) + 1) int32 boundaries of equal blocks; the last block may be short."""
+    edges = torch.arange(0, n + block, block, device=device).clamp_max(n)[: -(-n // block) + 1]
+    return edges.to(torch.int32).expand(groups, -1).contiguous()
+
+
+def from_block_mask(block_mask: torch.Tensor, block_size: tuple[int, int], num_tokens: int) -> BlockPlan:
+    """A plan from a boolean (B, H, ceil(N/BM), ceil(N/BN)) block mask over model order."""
+    if block_mask.dtype != torch.bool or block_mask.dim() != 4:
+        raise ValueError(f"block_mask: expected a 4-D bool tensor (B, H, Nq_blocks, Nk_blocks), got {block_mask.dtype} {tuple(block_mask.shape)}")
+    BM, BN = block_size
+    B, H, nq, nk = block_mask.shape
+    if nq != -(-num_tokens // BM) or nk != -(-num_tokens // BN):
+        raise ValueError(
+            f"block_mask shape {tuple(block_mask.shape)}: with N={num_tokens} and block_size=({BM}, {BN}) "
+            f"expected (B, H, {-(-num_tokens // BM)}, {-(-num_tokens // BN)})"
+        )
+    G = B * H
+    m = block_mask.reshape(G, nq, nk)
+    kv_count = m.sum(2).to(torch.int32)
+    # selected key blocks first, in ascending order
+    order = torch.sort((~m).to(torch.int8), dim=2, stable=True).indices.to(torch.int32)
+    width = max(int(kv_count.max()) if kv_count.numel() else 0, 1)
+    return BlockPlan(
+        q_offsets=uniform_offsets(num_tokens, BM, G, block_mask.device),
+        k_offsets=uniform_offsets(num_tokens, BN, G, block_mask.device),
+        kv_count=kv_count,
+        kv_index=order[..., :width].contiguous(),
+        batch=B,
+        heads=H,
+    )
+
+
+def attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int = 64) -> BlockPlan:
+    """Extend a plan over the video tokens alone to the whole sequence, with text computed densely.
+
+    Text tokens keep their place in plan order (before or after the video part), cut into blocks of
+    ``text_block``; every video query segment also attends to all text key segments, and every text
+    query segment attends to every key segment. ``plan`` positions and perms are video-local.
+    """
+    if layout.text_tokens == 0:
+        return plan
+    G, dev = plan.groups, plan.kv_index.device
+    T, V = layout.text_tokens, layout.video_tokens
+    text_off = uniform_offsets(T, text_block, G, dev)  # (G, St + 1)
+    St, Sq, Sk = text_off.shape[1] - 1, plan.q_offsets.shape[1] - 1, plan.k_offsets.shape[1] - 1
+    before = layout.text_position == "before"
+    if before:  # text segments come first: shift video segments by St
+        q_off = torch.cat([text_off[:, :-1], plan.q_offsets + T], 1)
+        k_off = torch.cat([text_off[:, :-1], plan.k_offsets + T], 1)
+        video_k_ids, text_k_ids = torch.arange(St, St + Sk, device=dev), torch.arange(St, device=dev)
+    else:
+        q_off = torch.cat([plan.q_offsets, text_off[:, 1:] + V], 1)
+        k_off = torch.cat([plan.k_offsets, text_off[:, 1:] + V], 1)
+        video_k_ids, text_k_ids = torch.arange(Sk, device=dev), torch.arange(Sk, Sk + St, device=dev)
+    L = plan.kv_index.shape[2]
+    width = max(L + St, Sk + St)
+    # video query rows: their own key segments (renumbered) then all text segments
+    vid_idx = torch.zeros(G, Sq, width, dtype=torch.int32, device=dev)
+    mapped = video_k_ids.to(torch.int32)[plan.kv_index.long().clamp(0, Sk - 1)]
+    vid_idx[..., :L] = mapped
+    count = plan.kv_count
+    text_cols = text_k_ids.to(torch.int32).expand(G, Sq, St)
+    pos = count[..., None].long() + torch.arange(St, device=dev)  # write text ids right after the valid ones
+    vid_idx.scatter_(2, pos, text_cols)
+    vid_count = count + St
+    # text query rows: every key segment
+    all_k = torch.arange(Sk + St, device=dev, dtype=torch.int32)
+    txt_idx = torch.zeros(G, St, width, dtype=torch.int32, device=dev)
+    txt_idx[..., : Sk + St] = all_k
+    txt_count = torch.full((G, St), Sk + St, dtype=torch.int32, device=dev)
+    if before:
+        kv_index, kv_count = torch.cat([txt_idx, vid_idx], 1), torch.cat([txt_count, vid_count], 1)
+    else:
+        kv_index, kv_count = torch.cat([vid_idx, txt_idx], 1), torch.cat([vid_count, txt_count], 1)
+
+    def extend(perm):
+        if perm is None:
+            return None
+        video = perm + layout.video_start
+        text = torch.arange(layout.text_start, layout.text_start + T, device=dev, dtype=perm.dtype).expand(G, T)
+        return torch.cat([text, video] if before else [video, text], 1).contiguous()
+
+    return BlockPlan(
+        q_offsets=q_off.contiguous(),
+        k_offsets=k_off.contiguous(),
+        kv_count=kv_count.contiguous(),
+        kv_index=kv_index.contiguous(),
+        batch=plan.batch,
+        heads=plan.heads,
+        q_perm=extend(plan.q_perm),
+        k_perm=extend(plan.k_perm),
+    )
+
+
+def full_plan(batch: int, heads: int, num_tokens: int, block: int = 64, device=None) -> BlockPlan:
+    """Every block computed: density 1.0."""
+    nb = -(-num_tokens // block)
+    mask = torch.ones(batch, heads, nb, nb, dtype=torch.bool, device=device)
+    return from_block_mask(mask, (block, block), num_tokens)
