@@ -1,0 +1,19 @@
+"""Model adapters (installed as ``vdit_sparse.pipelines``): per family, the token layout and which
+modules are self-attention."""
+
+from __future__ import annotations
+
+from .wan import WanAdapter
+
+ADAPTERS = [WanAdapter]
+
+
+def adapter_for(transformer):
+    for adapter in ADAPTERS:
+        if adapter.matches(transformer):
+            return adapter
+    families = ", ".join(a.family for a in ADAPTERS)
+    raise ValueError(f"transformer {type(transformer).__name__}: no adapter; supported families: {families}")
+
+
+__all__ = ["ADAPTERS", "adapter_for", "WanAdapter"]

@@ -1,0 +1,78 @@
+"""Wan2.1 / Wan2.2 adapter: frame-major video tokens, text in cross-attention, self-attention in ``attn1``."""
+
+from __future__ import annotations
+
+import torch
+
+from vdit_sparse.layout import VideoLayout
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Wan's interleaved rotary embedding; the same operations as diffusers' processor, so the
+    # dense path stays bit-identical to the stock one.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSelfAttnProcessor:
+    """Replaces ``WanAttnProcessor`` on a self-attention module; hands q, k, v to the accelerate handle."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, attend, layer: int, original):
+        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn) -> out, all (B, N, H, D)
+        self.layer = layer
+        self.original = original
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _rotate(query, *rotary_emb)
+            key = _rotate(key, *rotary_emb)
+
+        def dense_fn(q, k, v):
+            return dispatch_attention_fn(
+                q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        out = self.attend(self.layer, query, key, value, dense_fn)  # (B, N, H, D)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class WanAdapter:
+    family = "wan"
+
+    @staticmethod
+    def matches(transformer) -> bool:
+        from diffusers import WanTransformer3DModel
+
+        return isinstance(transformer, WanTransformer3DModel)
+
+    @staticmethod
+    def self_attention(transformer) -> list[tuple[int, torch.nn.Module]]:
+        return [(i, block.attn1) for i, block in enumerate(transformer.blocks)]
+
+    @staticmethod
+    def layout(transformer, args, kwargs) -> VideoLayout:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, C, F, H, W) latents
+        p_t, p_h, p_w = transformer.config.patch_size
+        _, _, f, h, w = hidden.shape
+        return VideoLayout(frames=f // p_t, height=h // p_h, width=w // p_w)
+
+    make_processor = WanSelfAttnProcessor

@@ -1,0 +1,91 @@
+"""``vdit-sparse`` (also ``python -m vdit_sparse``): generate, and the commands that work so far."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _generate(args) -> int:
+    from .generate import default_out, request_from_args, run_generation, sidecar
+    from .video import check_output, sidecar_path, write_json, write_video
+
+    req = request_from_args(args, args.prompt)
+    out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
+    check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
+    result = run_generation(req)
+    write_video(out, result.frames, fps=int(result.config["model"]["fps"]))
+    write_json(sidecar_path(out), sidecar(result))
+    print(f"wrote {out} ({result.frames.shape[0]} frames, {result.wall_s:.1f} s, density {result.density:.3f}) "
+          f"and {sidecar_path(out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .generate import add_generation_args
+
+    parser = argparse.ArgumentParser(prog="vdit-sparse", description="Faster video diffusion transformers, measured against dense.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="make a video (embedded model by default)")
+    gen.add_argument("prompt")
+    gen.add_argument("--out", help="video path, .mp4 or .gif (default: outputs/<prompt>-<attention>.mp4)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_generation_args(gen)
+    gen.set_defaults(run=_generate)
+    for name, module in _EXTRA_COMMANDS.items():
+        mod = _optional(module)
+        if mod is not None:
+            p = sub.add_parser(name, help=mod.HELP, add_help=False)
+            p.add_argument("argv", nargs=argparse.REMAINDER)
+            p.set_defaults(run=lambda a, m=mod: m.main(a.argv))
+    return parser
+
+
+# Commands appear in --help only once their module exists and works.
+_EXTRA_COMMANDS = {"compare": "compare", "tune": "tune", "bench": "bench"}
+
+
+def _optional(module: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f".{module}", __package__)
+    except ModuleNotFoundError as e:
+        if e.name == f"{__package__}.{module}":
+            return None
+        raise
+    return mod if hasattr(mod, "main") and hasattr(mod, "HELP") else None
+
+
+def _quiet_libraries() -> None:
+    # diffusers/transformers log advice meant for library authors; the CLI shows only its own lines
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (UserError, ValueError) as e:
+        if os.environ.get("VDIT_SPARSE_DEBUG"):
+            raise
+        print(f"vdit-sparse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vdit-sparse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""``load_pipeline``: the embedded default, a local directory, or a hub id through diffusers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device={device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device!r}: CUDA is not available on this machine; use cpu")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r}: unknown; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pipeline(name_or_path: str = "tiny", device=None, dtype=None):
+    """A diffusers pipeline on ``device`` in ``dtype``.
+
+    ``"tiny"`` is the embedded default (built offline). Anything else goes through diffusers'
+    ``DiffusionPipeline.from_pretrained``: a local directory, or a hub id found in the local cache
+    (or downloaded where the hub is reachable).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name_or_path == "tiny":
+        from .pipelines.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline()
+    else:
+        pipe = _from_pretrained(str(name_or_path), dt)
+    pipe = pipe.to(device=dev)
+    if any(p.dtype != dt for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
+        pipe = pipe.to(dtype=dt)
+    return pipe
+
+
+def _from_pretrained(name: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not (path / "model_index.json").is_file():
+        raise UserError(f"model {name!r}: not a diffusers pipeline directory (no model_index.json there)")
+    if looks_local:
+        return DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    try:  # the local cache first, so an offline machine answers at once
+        return DiffusionPipeline.from_pretrained(name, dtype=dtype, local_files_only=True)
+    except Exception as cached_error:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise UserError(f"model {name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from None
+        first = str(cached_error).strip().splitlines()[0] if str(cached_error).strip() else type(cached_error).__name__
+    try:
+        return DiffusionPipeline.from_pretrained(name, dtype=dtype)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model {name!r}: not found locally ({first[:120]}) nor on the hub ({reason[:160]}); "
+            "give 'tiny', a local pipeline directory, or a hub id reachable from here"
+        ) from None

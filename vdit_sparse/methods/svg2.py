@@ -1,0 +1,155 @@
+"""SVG2: semantic-aware permutation. Cluster tokens by their q / k vectors, compute cluster pairs.
+
+Per batch element and head, the video tokens' queries and keys are clustered separately with
+k-means; tokens are reordered so that each cluster is one contiguous segment of the plan
+(``q_perm`` / ``k_perm``, segments = clusters, empty clusters are zero-length segments). The
+attention mass between clusters is estimated from centroids, weighted by key-cluster size:
+
+    p(i, j) = softmax_j(c_q,i · c_k,j / √d + log |K_j|)
+
+and each query cluster keeps the fewest key clusters whose estimated mass reaches ``top_p`` (at
+least ``min_k_ratio`` of the key clusters, and at least one). With ``density`` given, a fixed
+budget replaces top-p: the pairs with the most estimated mass per computed (query, key) pair are
+kept until the pairs' cost Σ|Q_i||K_j| reaches the target. Text tokens are computed densely.
+
+Cluster counts: ``num_q_clusters`` = 100 and ``num_k_clusters`` = 500 by default, inside the
+published ranges (100-400 query, 500-1000 key clusters at 30k-120k tokens) and at the low end for
+query clusters, because kernel throughput falls as query clusters multiply. They are not yet
+measured on a GPU here (pending). When there are few video tokens the counts shrink to at most
+one cluster per ``MIN_CLUSTER_TOKENS`` tokens: smaller clusters cost a whole kernel tile each and
+estimate nothing a dense block would not.
+
+Warm start: centroids live in ``ctx.state["svg2"]`` (the handle keeps one state per branch and
+layer; inside it, one set per batch element and head). The first call runs ``kmeans_iters_first``
+iterations from k-means++ seeds; later calls of the same shape run ``kmeans_iters_step`` from the
+stored centroids; a new shape (resolution, batch, cluster counts) starts cold again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels.kmeans import cluster_sizes, kmeans
+from ..plan import BlockPlan, attach_text
+from .base import Method
+
+MIN_CLUSTER_TOKENS = 8
+
+
+def cluster_counts(video_tokens: int, num_q_clusters: int, num_k_clusters: int) -> tuple[int, int]:
+    """The cluster counts used for ``video_tokens`` tokens: the requested ones, at most one per MIN_CLUSTER_TOKENS."""
+    cap = max(1, video_tokens // MIN_CLUSTER_TOKENS)
+    return min(num_q_clusters, cap), min(num_k_clusters, cap)
+
+
+def cluster_mass(q_centroids, k_centroids, k_sizes):
+    """(G, Cq, Ck) estimated share of each query cluster's attention that falls on each key cluster."""
+    scale = 1.0 / math.sqrt(q_centroids.shape[-1])
+    logits = torch.einsum("gid,gjd->gij", q_centroids, k_centroids) * scale  # (G, Cq, Ck)
+    logits = logits + k_sizes.float().log()[:, None, :]  # an empty key cluster gets -inf: no mass
+    return logits.softmax(-1)
+
+
+def floor_count(num_k_clusters: int, min_k_ratio: float) -> int:
+    """Key clusters every query cluster keeps whatever the budget: ceil(min_k_ratio · Ck), at least one."""
+    return max(1, math.ceil(min_k_ratio * num_k_clusters))
+
+
+def select_top_p(mass, top_p: float, min_keep: int):
+    """(G, Cq, Ck) bool: per query cluster, the fewest key clusters whose mass reaches top_p, at least min_keep."""
+    order = mass.sort(dim=-1, descending=True)
+    before = order.values.cumsum(-1) - order.values  # mass of the better-ranked key clusters
+    rank = torch.arange(mass.shape[-1], device=mass.device)
+    keep_sorted = (before < top_p) | (rank < min_keep)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order.indices, keep_sorted)
+
+
+def select_budget(mass, q_sizes, k_sizes, budget, min_keep: int):
+    """(G, Cq, Ck) bool: the pairs with the most mass per computed pair, up to ``budget`` (G,) computed pairs.
+
+    Each query cluster first keeps its ``min_keep`` best key clusters (these count against the budget
+    and may exceed it); the rest are taken greedily, a pair kept when the budget covers at least half of it,
+    so the realised count lands within half a pair of the budget.
+    """
+    G, Cq, Ck = mass.shape
+    cost = q_sizes.float()[:, :, None] * k_sizes.float()[:, None, :]  # (G, Cq, Ck) (query, key) pairs
+    floor = torch.zeros_like(mass, dtype=torch.bool)
+    floor.scatter_(-1, mass.topk(min(min_keep, Ck), dim=-1).indices, True)
+    # per computed pair, the mass a pair carries is p(i, j) / |K_j| for each of its |Q_i| rows
+    value = torch.where(floor, math.inf, mass / k_sizes.float().clamp_min(1.0)[:, None, :])
+    order = value.view(G, -1).argsort(dim=1, descending=True)  # (G, Cq·Ck)
+    cost_sorted = torch.gather(cost.view(G, -1), 1, order)
+    spent_before = cost_sorted.cumsum(1) - cost_sorted
+    keep_sorted = spent_before + cost_sorted / 2 <= budget[:, None]
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).view(G, Cq, Ck)
+    return keep | floor
+
+
+def segment_plan(q_labels, k_labels, q_sizes, k_sizes, selected, batch: int, heads: int) -> BlockPlan:
+    """A BlockPlan over the video tokens with one segment per cluster, tokens sorted by cluster."""
+    G, Cq, Ck = selected.shape
+    q_perm = q_labels.argsort(dim=1, stable=True).to(torch.int32)  # (G, V): plan position -> token
+    k_perm = k_labels.argsort(dim=1, stable=True).to(torch.int32)
+    zero = torch.zeros(G, 1, dtype=torch.int64, device=q_sizes.device)
+    q_offsets = torch.cat([zero, q_sizes.cumsum(1)], 1).to(torch.int32)  # (G, Cq + 1)
+    k_offsets = torch.cat([zero, k_sizes.cumsum(1)], 1).to(torch.int32)  # (G, Ck + 1)
+    # selected key clusters first, in ascending id (contiguous memory); full width Ck avoids a host sync
+    kv_index = (~selected).to(torch.int8).argsort(dim=2, stable=True).to(torch.int32)  # (G, Cq, Ck)
+    return BlockPlan(
+        q_offsets=q_offsets,
+        k_offsets=k_offsets,
+        kv_count=selected.sum(2).to(torch.int32),
+        kv_index=kv_index.contiguous(),
+        batch=batch,
+        heads=heads,
+        q_perm=q_perm.contiguous(),
+        k_perm=k_perm.contiguous(),
+    )
+
+
+def _clusters(q, k, counts, state, params):
+    """Warm- or cold-started k-means on q and k (G, V, D). Returns centroids, labels and iterations run."""
+    key = (tuple(q.shape), counts, str(q.device))
+    warm = state.get("key") == key
+    iters = params.kmeans_iters_step if warm else params.kmeans_iters_first
+    q_centroids, q_labels = kmeans(q, counts[0], iters, init=state["q_centroids"] if warm else None)
+    k_centroids, k_labels = kmeans(k, counts[1], iters, init=state["k_centroids"] if warm else None, seed=1)
+    state.update(key=key, q_centroids=q_centroids, k_centroids=k_centroids)
+    return q_centroids, q_labels, k_centroids, k_labels, iters
+
+
+class SVG2(Method):
+    name = "svg2"
+
+    def plan(self, q, k, ctx, params):
+        layout = ctx.layout
+        B, H, _, D = q.shape
+        G, V = B * H, layout.video_tokens
+        video = slice(layout.video_start, layout.video_start + V)
+        qv = q[:, :, video].reshape(G, V, D)  # (G, V, D): text is computed densely, never clustered
+        kv = k[:, :, video].reshape(G, V, D)
+        counts = cluster_counts(V, params.num_q_clusters, params.num_k_clusters)
+        state = ctx.state.setdefault("svg2", {})
+        q_cent, q_labels, k_cent, k_labels, iters = _clusters(qv, kv, counts, state, params)
+        q_sizes, k_sizes = cluster_sizes(q_labels, counts[0]), cluster_sizes(k_labels, counts[1])  # (G, C)
+
+        mass = cluster_mass(q_cent, k_cent, k_sizes)
+        min_keep = floor_count(counts[1], params.min_k_ratio)
+        if params.density is None:
+            selected = select_top_p(mass, params.top_p, min_keep)
+        else:
+            # text rows and columns are always computed: the video part gets what is left of density · N²
+            n = layout.num_tokens
+            budget = torch.full((G,), max(0.0, params.density * n * n - (n * n - V * V)), device=q.device)
+            selected = select_budget(mass, q_sizes, k_sizes, budget, min_keep)
+        selected &= (k_sizes > 0)[:, None, :] & (q_sizes > 0)[:, :, None]  # empty segments need no entries
+
+        plan = attach_text(segment_plan(q_labels, k_labels, q_sizes, k_sizes, selected, B, H), layout)
+        info = {
+            "q_labels": q_labels.view(B, H, V),
+            "k_labels": k_labels.view(B, H, V),
+            "stats": {"kmeans_iters": iters, "q_clusters": counts[0], "k_clusters": counts[1]},
+        }
+        return plan, info

@@ -1,0 +1,73 @@
+"""Per-call statistics: method, realised density and attention time, per step × layer × branch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Timer:
+    """Times a region: CUDA events on GPU (read lazily, no sync on the hot path), wall clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> "Timer":
+        if self.cuda:
+            self.end.record()
+        else:
+            self.ms_value = (time.perf_counter() - self.t0) * 1e3
+        return self
+
+    def ms(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end)
+        return self.ms_value
+
+
+@dataclass
+class Stats:
+    rows: list[dict] = field(default_factory=list)
+
+    def record(self, timer: Timer, **row) -> None:
+        row["_timer"] = timer
+        self.rows.append(row)
+
+    def table(self) -> list[dict]:
+        """One dict per attention call: step, layer, branch, model, method, density, ms and method extras."""
+        out = []
+        for row in self.rows:
+            row = dict(row)
+            row["ms"] = row.pop("_timer").ms()
+            out.append(row)
+        return out
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
+def summarize(table: list[dict]) -> dict:
+    """Mean realised density and total attention time over a run's calls."""
+    if not table:
+        return {"calls": 0, "density": None, "attention_ms": 0.0}
+    return {
+        "calls": len(table),
+        "density": sum(r["density"] for r in table) / len(table),
+        "attention_ms": sum(r["ms"] for r in table),
+    }
+
+
+def density_by_layer(table: list[dict]) -> dict[str, float]:
+    """Mean realised density per layer (keys "model.layer" as strings, JSON-friendly)."""
+    acc: dict[str, list[float]] = {}
+    for r in table:
+        acc.setdefault(f"{r['model']}.{r['layer']}", []).append(r["density"])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
