@@ -42,35 +42,61 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_key_segment(
-    acc, m_i, l_i, seg_max, q,
-    k_base, v_base, k_perm_row, k_lo, k_hi, qk_scale,
+def _attend_key_list(
+    acc, m_i, l_i, q, row_ok, t, g64, s,
+    k_base, v_base, k_perm_row, k_offsets, kv_count, kv_index, skip, Stats, qk_scale, stats_width,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+    stride_kog, stride_kos, stride_cg, stride_cs, stride_ig, stride_is, stride_il, stride_sg, stride_ss, stride_sl,
     offs_n, offs_d, offs_dv,
-    BLOCK_N: tl.constexpr, HAS_K_PERM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_K_PERM: tl.constexpr, HAS_SKIP: tl.constexpr,
+    EMIT_STATS: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Online-softmax update of one query tile with key plan positions [k_lo, k_hi), BLOCK_N at a time."""
-    for start in range(k_lo, k_hi, BLOCK_N):
-        pos = start + offs_n  # (BLOCK_N,) plan positions
-        col_ok = pos < k_hi
-        if HAS_K_PERM:  # gather: plan position -> model token
-            rows = tl.load(k_perm_row + pos * stride_kpn, mask=col_ok, other=0).to(tl.int64)
+    """Online softmax of one query tile over the key segments its query segment lists, BLOCK_N keys at a time."""
+    count = tl.load(kv_count + g64 * stride_cg + s * stride_cs)
+    for j in range(0, count):
+        if REVERSE:  # the tile-skip cache alternates scan direction between steps
+            e = count - 1 - j
         else:
-            rows = pos.to(tl.int64)
-        kt = tl.load(k_base + rows[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        tile_max = tl.max(qk, 1)
-        seg_max = tl.maximum(seg_max, tile_max)
-        m_new = tl.maximum(m_i, tile_max)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: avoid -inf - -inf
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(qk - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i, seg_max
+            e = j
+        seg = tl.load(kv_index + g64 * stride_ig + s * stride_is + e * stride_il)
+        k_lo = tl.load(k_offsets + g64 * stride_kog + seg * stride_kos)
+        k_hi = tl.load(k_offsets + g64 * stride_kog + (seg + 1) * stride_kos)
+        if HAS_SKIP:  # a skipped entry gets an empty key range: no QK^T, softmax or PV
+            skipped = tl.load(skip + g64 * stride_sg + s * stride_ss + e * stride_sl) != 0
+            k_hi = tl.where(skipped, k_lo, k_hi)
+        seg_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # this entry's max logit per row
+        for start in range(k_lo, k_hi, BLOCK_N):
+            pos = start + offs_n  # (BLOCK_N,) plan positions
+            col_ok = pos < k_hi
+            if HAS_K_PERM:  # gather: plan position -> model token
+                rows = tl.load(k_perm_row + pos * stride_kpn, mask=col_ok, other=0).to(tl.int64)
+            else:
+                rows = pos.to(tl.int64)
+            kt = tl.load(k_base + rows[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                kt = kt.to(tl.float32)
+            qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            tile_max = tl.max(qk, 1)
+            seg_max = tl.maximum(seg_max, tile_max)
+            m_new = tl.maximum(m_i, tile_max)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: avoid -inf - -inf
+            alpha = tl.math.exp2(m_i - m_ref)
+            p = tl.math.exp2(qk - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+            p = p.to(v_base.dtype.element_ty)  # P in the input dtype, as flash attention's PV matmul takes it
+            if UPCAST_DOT:
+                p = p.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+        if EMIT_STATS:  # entry max relative to the running max after it, worst row of the tile, in ln units
+            m_seen = tl.where(m_i == float("-inf"), 0.0, m_i)  # keeps -inf - -inf (NaN) out even where masked
+            rel = tl.where(seg_max == float("-inf"), float("-inf"), seg_max - m_seen)
+            rel = tl.where(row_ok, rel, float("-inf"))
+            tl.store(Stats + t * stats_width + e, tl.max(rel, 0) * 0.6931471805599453)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -88,7 +114,7 @@ def _block_sparse_fwd(
     stride_ig, stride_is, stride_il, stride_sg, stride_ss, stride_sl,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_Q_PERM: tl.constexpr, HAS_K_PERM: tl.constexpr, HAS_SKIP: tl.constexpr,
-    EMIT_STATS: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EMIT_STATS: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     t = tl.program_id(0)  # one query tile of the work list
     g = tl.load(tile_g + t)
@@ -111,36 +137,21 @@ def _block_sparse_fwd(
         q_rows = pos.to(tl.int64)
     q_ptrs = Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    k_perm_row = k_perm + g64 * stride_kpg
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-
-    count = tl.load(kv_count + g64 * stride_cg + s * stride_cs)
-    for j in range(0, count):
-        if REVERSE:  # the tile-skip cache alternates scan direction between steps
-            e = count - 1 - j
-        else:
-            e = j
-        seg = tl.load(kv_index + g64 * stride_ig + s * stride_is + e * stride_il)
-        k_lo = tl.load(k_offsets + g64 * stride_kog + seg * stride_kos)
-        k_hi = tl.load(k_offsets + g64 * stride_kog + (seg + 1) * stride_kos)
-        if HAS_SKIP:  # a skipped entry gets an empty key range: no QK^T, softmax or PV
-            skipped = tl.load(skip + g64 * stride_sg + s * stride_ss + e * stride_sl) != 0
-            k_hi = tl.where(skipped, k_lo, k_hi)
-        seg_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        acc, m_i, l_i, seg_max = _attend_key_segment(
-            acc, m_i, l_i, seg_max, q, k_base, v_base, k_perm_row, k_lo, k_hi, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, offs_n, offs_d, offs_dv,
-            BLOCK_N, HAS_K_PERM, DOT_PRECISION,
-        )
-        if EMIT_STATS:  # segment max relative to the running max after it, worst row of the tile, in ln units
-            rel = tl.where(seg_max == float("-inf"), float("-inf"), seg_max - m_i)
-            rel = tl.where(row_ok, rel, float("-inf"))
-            tl.store(Stats + t * stats_width + e, tl.max(rel, 0) * 0.6931471805599453)
+    acc, m_i, l_i = _attend_key_list(
+        acc, m_i, l_i, q, row_ok, t, g64, s,
+        K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, k_perm + g64 * stride_kpg,
+        k_offsets, kv_count, kv_index, skip, Stats, qk_scale, stats_width,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+        stride_kog, stride_kos, stride_cg, stride_cs, stride_ig, stride_is, stride_il, stride_sg, stride_ss, stride_sl,
+        offs_n, offs_d, offs_dv,
+        BLOCK_M, BLOCK_N, HAS_K_PERM, HAS_SKIP, EMIT_STATS, REVERSE, DOT_PRECISION, UPCAST_DOT,
+    )
 
     l_ref = tl.where(l_i > 0.0, l_i, 1.0)  # rows with no key give zeros, never NaN
     o = acc / l_ref[:, None]
@@ -189,6 +200,9 @@ def _launch(q, k, v, plan: BlockPlan, scale, skip, reverse, out, stats, cfg):
     k_perm = plan.k_perm if plan.k_perm is not None else dummy
     skip_t = skip.view(torch.uint8) if skip is not None else dummy  # bool -> bytes: Triton has no bool loads
     stats_t = stats if stats is not None else out
+    # Triton's CPU interpreter multiplies bf16 bit patterns as integers: there, bf16 dots run in fp32
+    # on the same bf16 values (exact products, fp32 sums, as the GPU's bf16 MMA).
+    upcast = q.dtype == torch.bfloat16 and _interpreted()
     _block_sparse_fwd[(num_tiles,)](
         q, k, v, out, stats_t,
         q_perm, k_perm, plan.k_offsets, plan.kv_count, plan.kv_index, skip_t,
@@ -201,8 +215,8 @@ def _launch(q, k, v, plan: BlockPlan, scale, skip, reverse, out, stats, cfg):
         HEAD_DIM=q.shape[3], HEAD_DIM_V=v.shape[3], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_Q_PERM=plan.q_perm is not None, HAS_K_PERM=plan.k_perm is not None, HAS_SKIP=skip is not None,
         EMIT_STATS=stats is not None, REVERSE=bool(reverse),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST_DOT=upcast,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
     return tile_s, tile_g
 
@@ -238,7 +252,7 @@ def _tuned_config(q, v, plan: BlockPlan, run):
     key = autotune_cache.tuning_key(q, v.shape[3], density, has_perm=plan.q_perm is not None or plan.k_perm is not None)
 
     def measure(cfg):  # into scratch buffers; a config whose output is not finite is rejected
-        scratch = torch.empty_like(q[..., : v.shape[3]])
+        scratch = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
         run(cfg, scratch, None)
         if not bool(torch.isfinite(scratch).all()):
             return float("inf")
@@ -277,6 +291,7 @@ def block_sparse_attention(
     plan = _as_plan(plan, block_size, q)
     _check_plan(plan, q, skip)
     backend = _pick_backend(backend, q, v)
+    _check_config(config, backend)
     if out is None:
         out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     elif out.shape != q.shape[:3] + v.shape[3:] or out.dtype != q.dtype or out.device != q.device:
@@ -340,6 +355,16 @@ def _check_plan(plan: BlockPlan, q, skip) -> None:
         raise ValueError(f"skip: expected bool {tuple(plan.kv_index.shape)} on {q.device} (like plan.kv_index), got {skip.dtype} {tuple(skip.shape)} on {skip.device}")
 
 
+def _check_config(config, backend: str) -> None:
+    if config is None:
+        return
+    sizes = (config.get("BLOCK_M"), config.get("BLOCK_N")) if isinstance(config, dict) else (None, None)
+    if not all(isinstance(x, int) and x > 0 for x in sizes):
+        raise ValueError(f"config: expected a dict with positive int BLOCK_M and BLOCK_N, got {config!r}")
+    if backend == "triton" and not all(x >= 16 and x & (x - 1) == 0 for x in sizes):
+        raise ValueError(f"config: the Triton kernel needs BLOCK_M and BLOCK_N powers of two >= 16, got {sizes}")
+
+
 def _pick_backend(backend: str, q, v) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} not supported; allowed: {', '.join(BACKENDS)}")
@@ -347,13 +372,13 @@ def _pick_backend(backend: str, q, v) -> str:
         backend = "triton" if q.is_cuda else "torch"
     if backend != "triton":
         return backend
+    for name, d in (("q", q.shape[3]), ("v", v.shape[3])):
+        if d not in TRITON_HEAD_DIMS:
+            raise ValueError(f"{name}: head dim {d} not supported by the Triton kernel; allowed: {TRITON_HEAD_DIMS} (or backend='torch')")
     if not hasattr(triton, "testing"):
         raise ValueError("backend: 'triton' needs the triton package, which is not installed; use 'torch'")
     if q.device.type == "cpu" and not _interpreted():
         raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before vdit_sparse.kernels is imported")
-    for name, d in (("q", q.shape[3]), ("v", v.shape[3])):
-        if d not in TRITON_HEAD_DIMS:
-            raise ValueError(f"{name}: head dim {d} not supported by the Triton kernel; allowed: {TRITON_HEAD_DIMS} (or backend='torch')")
     return backend
 
 

@@ -3,9 +3,11 @@ modules are self-attention."""
 
 from __future__ import annotations
 
+from .cogvideox import CogVideoXAdapter
+from .hunyuan import HunyuanVideoAdapter
 from .wan import WanAdapter
 
-ADAPTERS = [WanAdapter]
+ADAPTERS = [WanAdapter, HunyuanVideoAdapter, CogVideoXAdapter]
 
 
 def adapter_for(transformer):
@@ -16,4 +18,4 @@ def adapter_for(transformer):
     raise ValueError(f"transformer {type(transformer).__name__}: no adapter; supported families: {families}")
 
 
-__all__ = ["ADAPTERS", "adapter_for", "WanAdapter"]
+__all__ = ["ADAPTERS", "adapter_for", "CogVideoXAdapter", "HunyuanVideoAdapter", "WanAdapter"]

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from .layout import VideoLayout
 from .methods import AttentionContext, get_method
 from .params import Params
+from .plan import full_plan
+from .tileskip import run_with_tileskip
 
 DENSE_BACKENDS = ("sdpa", "xformers", "reference")
 
@@ -48,24 +50,34 @@ def check_qkv(q, k, v, layout: VideoLayout) -> None:
     layout.check(q.shape[2], "q sequence length")
 
 
-def run_method(q, k, v, ctx: AttentionContext, method: str, params: Params, dense_fn=None):
-    """Plan and compute one call. Returns (out (B, H, N, D), info) with ``info["density"]`` (B, H)."""
+def run_method(q, k, v, ctx: AttentionContext, method: str, params: Params, dense_fn=None, cache: str = "none"):
+    """Plan and compute one call. Returns (out (B, H, N, D), info) with ``info["density"]`` (B, H).
+
+    With ``cache="tileskip"`` the plan (all blocks for dense) runs minus the tiles marked negligible
+    at earlier calls of this (branch, layer), and the marks are updated (vdit_sparse.tileskip).
+    """
     from .kernels import block_sparse_attention
 
-    impl = get_method(method)
-    plan, info = impl.plan(q, k, ctx, params)
-    if plan is None:
+    plan, info = get_method(method).plan(q, k, ctx, params, v=v)
+    if cache == "tileskip":
+        if plan is None:
+            plan = full_plan(q.shape[0], q.shape[1], q.shape[2], params.block_size, q.device)
+        out, plan, stats = run_with_tileskip(
+            q, k, v, plan, ctx.state, step=ctx.step, num_steps=ctx.num_steps, threshold=params.threshold,
+            refresh_every=params.refresh_every, identity=info.get("segment_identity"),
+        )
+        info["stats"] = {**info.get("stats", {}), **stats}
+    elif plan is None:
         out = dense_fn(q, k, v) if dense_fn is not None else dense_attention(q, k, v)
-        info["density"] = torch.ones(q.shape[0], q.shape[1])
     else:
         out = block_sparse_attention(q, k, v, plan)
-        info["density"] = plan.density().cpu()
+    info["density"] = plan.density() if plan is not None else torch.ones(q.shape[0], q.shape[1])
     info["plan"] = plan
     return out, info
 
 
 def sparse_attention(q, k, v, layout: VideoLayout, method: str = "dense", **params):
-    """(out, info): attention of q, k, v (B, H, N, D) with ``method``.
+    """(out, info): attention of q, k, v (B, H, N, D) with ``method`` (one call, no cache).
 
     ``info["density"]`` is the realised density (mean over batch and heads, a float);
     ``info["density_per_head"]`` the (B, H) tensor. Methods add their own keys (DESIGN.md).
@@ -77,6 +89,6 @@ def sparse_attention(q, k, v, layout: VideoLayout, method: str = "dense", **para
     out, info = run_method(q, k, v, AttentionContext(layout=layout), method, p)
     per_head = info.pop("density")
     info.pop("plan", None)
-    info["density_per_head"] = per_head
+    info["density_per_head"] = per_head.cpu()
     info["density"] = float(per_head.mean())
     return out, info

@@ -74,7 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may follow flags; argparse leaves those over, so collect them here
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides"):
+        stray = [e for e in extra if e.startswith("-")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args) or 0
     except (UserError, ValueError) as e:

@@ -54,7 +54,7 @@ class GenerateRequest:
             group = "cache" if key in CACHE_PARAMS else "attention"
             out.append(f"++{group}.{key}={json.dumps(value)}")
         out.append(f"prompt={_quote(self.prompt)}")
-        return out + list(self.overrides)
+        return out + [_group_param_override(o) for o in self.overrides]
 
     def key(self) -> str:
         """A stable hash of everything that determines the output (device and dtype included)."""
@@ -71,6 +71,17 @@ class GenerationResult:
     density: float
     stats: list[dict]
     config: dict
+
+
+def _group_param_override(o: str) -> str:
+    """``attention.KEY=V`` / ``cache.KEY=V`` for any canonical parameter, present in the YAML or not."""
+    key = o.split("=", 1)[0].lstrip("+")
+    group, _, name = key.partition(".")
+    if group in ("attention", "cache") and name and name != "name":
+        if name not in Params.names():
+            raise UserError(f"unknown parameter {name} in {o!r}: known parameters are {', '.join(Params.names())}")
+        return f"++{key}={o.split('=', 1)[1]}"
+    return o
 
 
 def _quote(s: str) -> str:

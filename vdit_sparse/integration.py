@@ -23,7 +23,7 @@ from .policy import Policy
 from .stats import Stats, Timer, summarize
 
 HOOK_NAME = "vdit_sparse"
-CACHES = ("none",)
+CACHES = ("none", "tileskip")
 
 
 @dataclass
@@ -132,8 +132,9 @@ class AccelerateHandle:
 
     def _end_run(self) -> None:
         self._method_state.clear()
-        self._last_run = self._stats.table()
-        self._stats.clear()
+        if self._stats.rows:  # two-expert pipelines reset each transformer: keep the first snapshot
+            self._last_run = self._stats.table()
+            self._stats.clear()
 
     # --- the hot path -----------------------------------------------------------------------------
     def _make_attend(self, model: str):
@@ -146,9 +147,9 @@ class AccelerateHandle:
         call = self._current
         if call is None:
             raise RuntimeError("vdit_sparse: self-attention ran outside a transformer forward; the step hook is missing")
-        method, params = self.policy.resolve(layer, call.step, call.num_steps)
+        method, params, cache = self.policy.resolve(layer, call.step, call.num_steps)
         timer = Timer(q.device)
-        if method == "dense":
+        if method == "dense" and cache == "none":
             out, density, extras = dense_fn(q, k, v), 1.0, {}
         else:
             ctx = AttentionContext(
@@ -157,9 +158,9 @@ class AccelerateHandle:
             )
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views, no copy
             out, info = run_method(qt, kt, vt, ctx, method, params, dense_fn=lambda a, b, c: dense_fn(
-                a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2))
+                a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2), cache=cache)
             out = out.transpose(1, 2)
-            density, extras = float(info["density"].mean()), info.get("stats", {})
+            density, extras = info["density"].mean(), info.get("stats", {})  # tensors: read at stats()
         self._stats.record(
             timer.stop(), step=call.step, layer=layer, branch=call.branch, model=model, method=method,
             density=density, **extras,
@@ -197,7 +198,7 @@ def accelerate(pipe, attention: str = "dense", cache: str = "none", tuned=None, 
         raise ValueError(f"cache={cache!r}: unknown cache; known caches are {', '.join(CACHES)}")
     params = Params().updated(**overrides)
     layers = _load_tuned(tuned) if tuned is not None else {}
-    handle = AccelerateHandle(pipe, Policy(attention, params, layers), cache)
+    handle = AccelerateHandle(pipe, Policy(attention, params, cache=cache, layers=layers), cache)
     try:
         for name, transformer in _transformers(pipe):
             handle._install(name, transformer)

@@ -152,15 +152,22 @@ def from_block_mask(block_mask: torch.Tensor, block_size: tuple[int, int], num_t
     )
 
 
-def attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int = 64) -> BlockPlan:
+def attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int = 64, *, text_lengths=None) -> BlockPlan:
     """Extend a plan over the video tokens alone to the whole sequence, with text computed densely.
 
     Text tokens keep their place in plan order (before or after the video part), cut into blocks of
     ``text_block``; every video query segment also attends to all text key segments, and every text
     query segment attends to every key segment. ``plan`` positions and perms are video-local.
+
+    ``text_lengths`` (B,) ints, optional: how many leading text tokens of each batch item are real,
+    the rest being padding (HunyuanVideo pads prompts and masks the padding keys). Padding keys then
+    sit in one key segment per batch·head that no query lists, so they get no attention; padding
+    query rows attend every real key, as in the masked dense call.
     """
     if layout.text_tokens == 0:
         return plan
+    if text_lengths is not None:
+        return _attach_padded_text(plan, layout, text_block, text_lengths)
     G, dev = plan.groups, plan.kv_index.device
     T, V = layout.text_tokens, layout.video_tokens
     text_off = uniform_offsets(T, text_block, G, dev)  # (G, St + 1)
@@ -207,6 +214,62 @@ def attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int = 64) -> B
         k_offsets=k_off.contiguous(),
         kv_count=kv_count.contiguous(),
         kv_index=kv_index.contiguous(),
+        batch=plan.batch,
+        heads=plan.heads,
+        q_perm=extend(plan.q_perm),
+        k_perm=extend(plan.k_perm),
+    )
+
+
+def _attach_padded_text(plan: BlockPlan, layout: VideoLayout, text_block: int, text_lengths) -> BlockPlan:
+    """``attach_text`` where only the first ``text_lengths[b]`` text tokens of batch item b are keys."""
+    G, dev = plan.groups, plan.kv_index.device
+    T, V = layout.text_tokens, layout.video_tokens
+    lengths = torch.as_tensor(text_lengths, device=dev).reshape(-1).long()
+    if lengths.numel() != plan.batch or bool((lengths < 0).any()) or bool((lengths > T).any()):
+        raise ValueError(f"text_lengths={text_lengths!r}: expected {plan.batch} counts in [0, {T}], one per batch item")
+    lengths = lengths.repeat_interleave(plan.heads)  # (G,): groups are batch-major
+    text_q = uniform_offsets(T, text_block, G, dev)  # (G, St + 1): padding queries stay ordinary text rows
+    St, Sq, Sk = text_q.shape[1] - 1, plan.q_offsets.shape[1] - 1, plan.k_offsets.shape[1] - 1
+    # key edges: the same blocks cut at the real length, then one padding segment [length, T)
+    text_k = torch.cat([text_q.minimum(lengths[:, None].to(torch.int32)), text_q[:, -1:]], 1)  # (G, St + 2)
+    listed = (lengths + text_block - 1) // text_block  # (G,) non-empty real text key segments
+    before = layout.text_position == "before"
+    if before:  # [text blocks, padding, video]
+        q_off = torch.cat([text_q[:, :-1], plan.q_offsets + T], 1)
+        k_off = torch.cat([text_k[:, :-1], plan.k_offsets + T], 1)
+        video_k_ids, text_k_ids = torch.arange(St + 1, St + 1 + Sk, device=dev), torch.arange(St, device=dev)
+    else:  # [video, text blocks, padding]
+        q_off = torch.cat([plan.q_offsets, text_q[:, 1:] + V], 1)
+        k_off = torch.cat([plan.k_offsets, text_k[:, 1:] + V], 1)
+        video_k_ids, text_k_ids = torch.arange(Sk, device=dev), torch.arange(Sk, Sk + St, device=dev)
+    L = plan.kv_index.shape[2]
+    width = max(L + St, Sk + St)
+    # video query rows: their own key segments (renumbered), then the real text segments
+    vid_idx = torch.zeros(G, Sq, width, dtype=torch.int32, device=dev)
+    vid_idx[..., :L] = video_k_ids.to(torch.int32)[plan.kv_index.long().clamp(0, Sk - 1)]
+    pos = plan.kv_count[..., None].long() + torch.arange(St, device=dev)
+    vid_idx.scatter_(2, pos, text_k_ids.to(torch.int32).expand(G, Sq, St))
+    vid_count = plan.kv_count + listed[:, None].to(torch.int32)
+    # text query rows: every video segment, then the real text segments
+    txt_idx = torch.zeros(G, St, width, dtype=torch.int32, device=dev)
+    txt_idx[..., : Sk + St] = torch.cat([video_k_ids, text_k_ids]).to(torch.int32)
+    txt_count = (Sk + listed[:, None]).expand(G, St).to(torch.int32)
+    rows = (txt_idx, vid_idx) if before else (vid_idx, txt_idx)
+    counts = (txt_count, vid_count) if before else (vid_count, txt_count)
+
+    def extend(perm):
+        if perm is None:
+            return None
+        video = perm + layout.video_start
+        text = torch.arange(layout.text_start, layout.text_start + T, device=dev, dtype=perm.dtype).expand(G, T)
+        return torch.cat([text, video] if before else [video, text], 1).contiguous()
+
+    return BlockPlan(
+        q_offsets=q_off.contiguous(),
+        k_offsets=k_off.contiguous(),
+        kv_count=torch.cat(counts, 1).contiguous(),
+        kv_index=torch.cat(rows, 1).contiguous(),
         batch=plan.batch,
         heads=plan.heads,
         q_perm=extend(plan.q_perm),

@@ -11,6 +11,7 @@ from .params import Params
 class Policy:
     method: str
     params: Params
+    cache: str = "none"
     # layer -> {"attention": name, or any canonical parameter}: a tuned table or hand overrides
     layers: dict[int, dict] = field(default_factory=dict)
 
@@ -26,10 +27,10 @@ class Policy:
         dl = self.params.dense_layers
         return layer < dl if isinstance(dl, int) else layer in dl
 
-    def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Params]:
-        """The method name and parameters for one call; warm-up and dense layers give "dense"."""
+    def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Params, str]:
+        """(method, parameters, cache) for one call; warm-up steps and dense layers run plain dense."""
         if step < self.warmup_count(num_steps) or self.is_dense_layer(layer):
-            return "dense", self.params
+            return "dense", self.params, "none"
         override = dict(self.layers.get(layer, {}))
         method = override.pop("attention", self.method)
-        return method, (self.params.updated(**override) if override else self.params)
+        return method, (self.params.updated(**override) if override else self.params), self.cache

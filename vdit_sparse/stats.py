@@ -44,8 +44,8 @@ class Stats:
     def table(self) -> list[dict]:
         """One dict per attention call: step, layer, branch, model, method, density, ms and method extras."""
         out = []
-        for row in self.rows:
-            row = dict(row)
+        for row in self.rows:  # tensors were kept as they were on the hot path; read them once, here
+            row = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
             row["ms"] = row.pop("_timer").ms()
             out.append(row)
         return out

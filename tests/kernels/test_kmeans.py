@@ -1,11 +1,14 @@
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU
+"""k-means: Triton kernels against the PyTorch reference (interpreted on CPU by conftest.py), the
+chunked CPU path, planted-partition recovery, warm starts and empty clusters."""
 
 import pytest
 import torch
 
 from vdit_sparse.kernels import kmeans as km
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton backend runs
+TF32 = DEVICE == "cuda"  # compiled tl.dot on fp32 uses TF32: looser distance tolerance there
+DIST_TOL = dict(rtol=2e-3, atol=2e-2) if TF32 else dict(rtol=1e-4, atol=1e-4)
 
 
 def planted(groups, n, centres, dim, spread, seed=0):
@@ -29,13 +32,14 @@ def test_assign_triton_matches_reference(dim, clusters):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 200, dim, generator=g)  # N not a multiple of the 64-row tile, D masked to a power of 2
     c = torch.randn(3, clusters, dim, generator=g)
-    labels, dist = km.assign_triton(x, c)
+    labels, dist = km.assign_triton(x.to(DEVICE), c.to(DEVICE))
+    labels, dist = labels.cpu(), dist.cpu()
     ref_labels, ref_dist = km.assign_reference(x, c)
     assert labels.dtype == torch.int32 and labels.shape == (3, 200)
-    assert (labels == ref_labels).float().mean() >= 0.99  # only float near-ties may differ
-    torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    assert (labels == ref_labels).float().mean() >= 0.98  # only float near-ties may differ
+    torch.testing.assert_close(dist, ref_dist, **DIST_TOL)
     exact = (x - torch.gather(c, 1, labels.long()[..., None].expand(-1, -1, dim))).square().sum(-1)
-    torch.testing.assert_close(dist, exact, rtol=1e-4, atol=1e-4)  # the distance reported is to the label given
+    torch.testing.assert_close(dist, exact, **DIST_TOL)  # the distance reported is to the label given
 
 
 def test_accumulate_triton_matches_reference():
@@ -43,7 +47,7 @@ def test_accumulate_triton_matches_reference():
     x = torch.randn(2, 250, 40, generator=g)
     labels = torch.randint(0, 9, (2, 250), generator=g, dtype=torch.int32)
     labels[:, labels[0] == 4] = 5  # cluster 4 empty: its sum and count stay zero
-    sums, counts = km.accumulate_triton(x, labels, 9)
+    sums, counts = (t.cpu() for t in km.accumulate_triton(x.to(DEVICE), labels.to(DEVICE), 9))
     ref_sums, ref_counts = km.accumulate_reference(x, labels, 9)
     torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-4)
     assert torch.equal(counts, ref_counts)
@@ -52,8 +56,8 @@ def test_accumulate_triton_matches_reference():
 
 def test_kmeans_triton_and_torch_agree():
     x, _ = planted(2, 256, 6, 32, spread=1.0, seed=3)
-    c_t, l_t = km.kmeans(x, 6, 8, backend="triton")
-    c_r, l_r = km.kmeans(x, 6, 8, backend="torch")
+    c_t, l_t, _ = km.kmeans(x.to(DEVICE), 6, 8, backend="triton")
+    c_r, l_r, _ = km.kmeans(x.to(DEVICE), 6, 8, backend="torch")
     assert (l_t == l_r).float().mean() >= 0.99
     torch.testing.assert_close(c_t, c_r, rtol=1e-4, atol=1e-3)
 
@@ -80,7 +84,8 @@ def test_chunked_assignment_matches_whole(monkeypatch):
 @pytest.mark.parametrize("backend, n", [("torch", 1500), ("triton", 192)])
 def test_kmeans_recovers_planted_partition(backend, n):
     x, truth = planted(3, n, 8, 32, spread=0.5, seed=5)
-    centroids, labels = km.kmeans(x, 8, 20, backend=backend)
+    centroids, labels, _ = km.kmeans(x.to(DEVICE if backend == "triton" else "cpu"), 8, 20, backend=backend)
+    labels = labels.cpu()
     for g in range(3):
         assert same_partition(labels[g], truth[g]), f"group {g}"
     assert torch.equal(km.cluster_sizes(labels, 8).sort(1).values, km.cluster_sizes(truth, 8).sort(1).values)
@@ -89,12 +94,12 @@ def test_kmeans_recovers_planted_partition(backend, n):
 def test_warm_start_two_iterations_reach_cold_objective():
     # overlapping mixture, fewer clusters than centres: a real optimisation problem
     x, _ = planted(4, 1500, 24, 32, spread=1.5, seed=6)
-    first, _ = km.kmeans(x, 16, 50)
+    first = km.kmeans(x, 16, 50).centroids
     moved = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    cold_c, cold_l = km.kmeans(moved, 16, 50)
-    warm_c, warm_l = km.kmeans(moved, 16, 2, init=first)
+    cold_c, cold_l, _ = km.kmeans(moved, 16, 50)
+    warm_c, warm_l, _ = km.kmeans(moved, 16, 2, init=first)
     cold, warm = km.objective(moved, cold_c, cold_l), km.objective(moved, warm_c, warm_l)
-    seeded = km.objective(moved, *km.kmeans(moved, 16, 2))  # 2 iterations from cold seeds: the contrast
+    seeded = km.objective(moved, *km.kmeans(moved, 16, 2)[:2])  # 2 iterations from cold seeds: the contrast
     assert (warm <= 1.01 * cold).all(), (warm / cold)
     assert (seeded > 1.01 * cold).any()  # so the warm start, not the iteration count, closes the gap
 
@@ -108,20 +113,21 @@ def test_empty_cluster_takes_farthest_point():
     torch.testing.assert_close(new[0, 0], x[0].mean(0))
     torch.testing.assert_close(new[0, 1], x[0, 2])  # the first empty cluster takes the farthest point
     torch.testing.assert_close(new[0, 2], x[0, 3])  # the second empty cluster the next farthest
-    _, labels = km.kmeans(x, 3, 3, init=centroids)
+    _, labels, reseeded = km.kmeans(x, 3, 3, init=centroids)
     assert (km.cluster_sizes(labels, 3) > 0).all()
+    assert int(reseeded) >= 2  # the two empty clusters at least (cluster 0 empties in turn when its points leave)
 
 
 def test_no_empty_cluster_after_cold_start():
     x = torch.randn(2, 300, 16, generator=torch.Generator().manual_seed(8))
-    _, labels = km.kmeans(x, 40, 10)
+    _, labels, _ = km.kmeans(x, 40, 10)
     assert (km.cluster_sizes(labels, 40) > 0).all()
 
 
 def test_kmeans_is_deterministic_and_groups_are_independent():
     x, _ = planted(2, 400, 5, 16, spread=0.8, seed=9)
-    c1, l1 = km.kmeans(x, 5, 10)
-    c2, l2 = km.kmeans(x.clone(), 5, 10)
+    c1, l1, _ = km.kmeans(x, 5, 10)
+    c2, l2, _ = km.kmeans(x.clone(), 5, 10)
     assert torch.equal(l1, l2) and torch.equal(c1, c2)
     warm = km.kmeans(x, 5, 3, init=c1)[1]
     warm_alone = km.kmeans(x[1:], 5, 3, init=c1[1:])[1]  # a warm start touches nothing across groups
@@ -131,8 +137,8 @@ def test_kmeans_is_deterministic_and_groups_are_independent():
 def test_zero_iterations_only_assigns():
     x = torch.randn(1, 100, 8, generator=torch.Generator().manual_seed(10))
     init = x[:, :4].clone()
-    centroids, labels = km.kmeans(x, 4, 0, init=init)
-    assert torch.equal(centroids, init)
+    centroids, labels, reseeded = km.kmeans(x, 4, 0, init=init)
+    assert torch.equal(centroids, init) and reseeded.tolist() == [0]
     assert torch.equal(labels, km.assign_reference(x, init)[0])
 
 
@@ -158,7 +164,7 @@ def test_kmeans_loop_never_syncs_with_host():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        centroids, labels = km.kmeans(x, 64, 5)
+        centroids, labels, _ = km.kmeans(x, 64, 5)
         km.kmeans(x, 64, 2, init=centroids)
     finally:
         torch.cuda.set_sync_debug_mode("default")

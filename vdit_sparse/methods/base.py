@@ -30,8 +30,14 @@ class Method:
 
     name: ClassVar[str] = ""
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, params: Params) -> tuple[BlockPlan | None, dict]:
+    def plan(
+        self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, params: Params, v: torch.Tensor | None = None
+    ) -> tuple[BlockPlan | None, dict]:
         """q, k (B, H, N, D) in model order -> (plan, info). A ``None`` plan means: run dense.
+
+        ``v`` is given when available, for methods that judge a pattern by its output error.
+        A method may report ``info["segment_identity"]`` (B·H,) int64: ids that change when a
+        head's segments come to mean other tokens (the tile-skip cache then drops that head's marks).
 
         ``info`` holds method-specific results (e.g. ``head_pattern`` for svg); ``density`` is
         filled in by the caller from the plan.

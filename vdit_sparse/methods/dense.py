@@ -6,5 +6,5 @@ from .base import Method
 class Dense(Method):
     name = "dense"
 
-    def plan(self, q, k, ctx, params):
+    def plan(self, q, k, ctx, params, v=None):
         return None, {}

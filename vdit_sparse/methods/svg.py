@@ -1,37 +1,42 @@
 """svg: every head is spatial or temporal; a few sampled query rows decide which, at every call.
 
 A *spatial* head attends to its own and nearby frames: a band of blocks around the diagonal in
-frame-major order, plus (optionally) every key block of the first frame as an attention sink. A
-*temporal* head attends to its own spatial position in other frames: the same band in
-spatial-major order, reached by permuting that head's tokens, frame-major token ``f * P + p`` to
-plan position ``p * F + f``, through the plan's ``q_perm`` / ``k_perm`` (the kernel gathers and
-scatters; nothing is copied here). Text tokens, where the layout has them, are computed densely.
+frame-major order, plus (``first_frame_sink``) every key block of the first frame. A *temporal*
+head attends to its own spatial position in other frames: the same band in spatial-major order,
+reached by permuting that head's tokens, frame-major ``f * P + p`` to plan position ``p * F + f``,
+through the plan's ``q_perm`` / ``k_perm`` (the kernel gathers and scatters; nothing is copied).
+The sink belongs to the spatial pattern only: in spatial-major order the first frame is spread over
+every block. Text tokens, where the layout has them, are computed densely (rows and columns).
 
-Profiling (each call, i.e. per layer and step past the policy's dense warm-up): ``num_sampled_rows``
-video query rows, evenly spaced over the *whole* video sequence with an offset drawn from a
-generator seeded by (layer, step). When ``num_sampled_rows >= frames`` every frame holds at least
-one sampled row; with fewer rows, the rows stay evenly spread and the per-step offset moves them, so
-successive steps see different frames. For each row the exact score row (all N keys) is computed
-once; the spatial and temporal patterns are evaluated only at those rows (never as N×N masks), and
-each (batch, head) takes the pattern with the lower error. The error is the relative L2 error of
-the sampled rows' attention output when ``v`` is given, else the attention mass the pattern drops
-(v-free, and it bounds the output error: o - o_pattern = dropped · (mean v dropped - mean v kept)).
+Profiling, at every call (per layer and step once the policy's dense warm-up is over):
+``num_sampled_rows`` video query rows, evenly spaced over the *whole* video with one offset drawn
+from a generator seeded by (layer, step). With ``num_sampled_rows >= frames`` every frame holds a
+sampled row; with fewer, the rows stay evenly spread and the offset moves them from step to step.
+Each row's exact scores against all N keys are computed once; both patterns are evaluated at those
+rows only (never as N×N masks), and each (batch, head) takes the pattern with the lower error. The
+error is the relative L2 error of the rows' attention output when ``plan`` gets ``v``, else the
+attention mass the pattern drops (v-free; it drives the output error:
+o - o_pattern = dropped · (mean of dropped v - mean of kept v)).
 
-Band width: the blocks are ranked (diagonal, then the sink, then ring after ring around the
-diagonal, each ring's rows in bit-reversed order so a partly filled ring is spread evenly), and the
-first k are kept, k chosen so the plan's exact density (BlockPlan.density(), text included) is
-closest to the request: the realised density is within one block of it (±b²/N²), unless the
-request lies below the dense text part plus the diagonal, which is then the floor.
+Band width: blocks join the pattern in a fixed order (diagonal, sink, then ring after ring around
+the diagonal, a ring's rows in bit-reversed order so a partly taken ring is spread evenly) and the
+count is chosen so that the plan's exact density (BlockPlan.density(), dense text included) is
+closest to the request: within one block (b²/N²) of it. A request below the floor (dense text
+plus the diagonal) gets the floor.
 
-Defaults: ``density`` 0.25 (the published method ran Wan at ~0.3 and showed artifacts below 0.2).
-``dense_error`` None (off): measured on planted heads the best pattern drops < 0.01 of the mass,
-on structureless random heads ~1 - density, and the realised density must stay the request's;
-a head that runs dense costs 1 - density extra. Set it (e.g. 0.3) to let unclassifiable heads run
-dense, at the price of density above the request (reported in ``info["density"]``).
+Defaults. ``density`` 0.25 (the published method ran Wan at ~0.3 and showed artifacts below 0.2).
+``dense_error`` None: off. Measured (16 frames × 8 × 8, block 32, density 0.25, dropped mass of
+the better pattern): planted heads at logit 12 / 6 / 3: < 0.001 / 0.06-0.19 / 0.39-0.65, and
+heads with no structure 0.75 (≈ 1 - density). The output error on the sampled rows was 1.3-1.5×
+the dropped mass on planted heads and ~2.3× on structureless ones. Off by default because a dense
+head costs 1 - density of budget: the request would no longer be the realised density, which the
+tuner and the reports rely on. 0.5 (dropped mass; about 1.0 in the output-error units) sends only
+heads that keep less than half of their attention mass dense: use it where quality matters more
+than the budget; ``info["density"]`` reports the cost.
 
 Published shortcomings fixed here: rows sampled over the whole sequence (not the first frames);
-batch > 1 with each batch element's heads classified independently; the band sized from the exact
-plan density (not 1 - (1 - w/N)²); no state outside ``ctx.state``.
+batch > 1, each batch element's heads classified on their own; the band sized from the exact plan
+density (not 1 - (1 - w/N)²); no state outside ``ctx.state``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class SVG(Method):
     name = "svg"
 
     def plan(self, q, k, ctx: AttentionContext, params: Params, v=None) -> tuple[BlockPlan | None, dict]:
+        """q, k (B, H, N, D) -> (plan, info with head_pattern [B][H], stats, pattern_error, sampled_rows).
+
+        ``v`` (B, H, N, Dv), optional: profile by the rows' output error instead of the dropped mass.
+        """
         layout = ctx.layout
         layout.check(q.shape[2], "q sequence length")
         if v is not None and v.shape[:3] != q.shape[:3]:
@@ -70,7 +79,9 @@ class SVG(Method):
         errors = pattern_errors(q, k, rows + layout.video_start, allowed, v)  # (B, H, 2)
         classes = classify(errors, params.dense_error)  # (B, H)
         plan = build_plan(classes.to(q.device), masks, layout, params.block_size)
-        return plan, _info(classes, errors, rows + layout.video_start)
+        info = _info(classes, errors, rows + layout.video_start)
+        info["segment_identity"] = classes.flatten().to(q.device)  # (B·H,) a re-classified head's tiles mean other tokens
+        return plan, info
 
 
 def _info(classes, errors, rows) -> dict:
@@ -92,13 +103,7 @@ def band_mask(num_tokens: int, block: int, sink_blocks: int, target_pairs: float
     """(nb, nb) bool block mask over ``num_tokens`` tokens: the diagonal, the first ``sink_blocks``
     key blocks, then rings around the diagonal, until the computed pairs are closest to ``target_pairs``."""
     nb = -(-num_tokens // block)
-    i = torch.arange(nb, device=device)[:, None]
-    j = torch.arange(nb, device=device)[None, :]
-    dist = (i - j).abs()  # (nb, nb)
-    ring = torch.where(dist == 0, 0, torch.where(j < sink_blocks, 1, dist + 1))
-    spread = _bit_reverse(i.expand(nb, nb)) * 2 + (j > i)  # a row's two ring blocks are taken together
-    priority = (ring * (2 * nb * 2) + spread) * nb + j  # unique, lower first; bit reversal < 2 nb
-    order = priority.flatten().argsort()
+    order = _block_priority(nb, sink_blocks, device).flatten().argsort()
     sizes = uniform_offsets(num_tokens, block, 1, device)[0].diff().long()  # (nb,) the last block may be short
     pairs = (sizes[:, None] * sizes[None, :]).flatten()[order].cumsum(0)  # (nb²,) after taking 1, 2, ... blocks
     take = int((pairs.double() - target_pairs).abs().argmin()) + 1
@@ -106,6 +111,23 @@ def band_mask(num_tokens: int, block: int, sink_blocks: int, target_pairs: float
     keep = torch.zeros(nb * nb, dtype=torch.bool, device=device)
     keep[order[:take]] = True
     return keep.view(nb, nb)
+
+
+def _block_priority(nb: int, sink_blocks: int, device=None) -> torch.Tensor:
+    """(nb, nb) int64, unique: the order in which blocks join the pattern, lowest first.
+
+    Diagonal, then the sink columns, then ring d = 1, 2, ... around the diagonal. Inside a ring the
+    rows come in bit-reversed order, so a partly taken ring is spread evenly over the sequence; a
+    band block (i, j) comes with its mirror (j, i), a sink row with all its sink columns.
+    """
+    i = torch.arange(nb, device=device)[:, None]
+    j = torch.arange(nb, device=device)[None, :]
+    dist = (i - j).abs()
+    sink = (j < sink_blocks) & (dist > 0)
+    ring = torch.where(dist == 0, 0, torch.where(sink, 1, dist + 1))  # (nb, nb)
+    row = torch.where(sink, i, torch.minimum(i, j))
+    spread = _bit_reverse(row) * 2 + (j > i)  # < 4 nb
+    return ((ring * 4 * nb + spread) * nb + i) * nb + j
 
 
 def _bit_reverse(x: torch.Tensor) -> torch.Tensor:
@@ -184,13 +206,15 @@ def pattern_errors(q, k, rows, allowed, v=None) -> torch.Tensor:
             kept = torch.einsum("bhrn,prn->bhpr", probs, keep)  # (B, h, 2, R)
             out.append((1 - kept).mean(-1))
             continue
-        vh = v[:, h]
-        exact = torch.matmul(probs.to(v.dtype), vh).float()  # (B, h, R, Dv)
-        masked = probs[:, :, None] * keep  # (B, h, 2, R, N)
-        masked = masked / masked.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        approx = torch.matmul(masked.to(v.dtype), vh[:, :, None]).float()  # (B, h, 2, R, Dv)
-        err = (approx - exact[:, :, None]).flatten(-2).norm(dim=-1)
-        out.append(err / exact.flatten(-2).norm(dim=-1)[..., None].clamp_min(1e-12))
+        exact = torch.matmul(probs.to(v.dtype), v[:, h]).float()  # (B, h, R, Dv)
+        norm = exact.flatten(-2).norm(dim=-1).clamp_min(1e-12)  # (B, h)
+        errs = []
+        for pattern in keep:  # (R, N) each: one masked copy of the probabilities at a time
+            kept = probs * pattern
+            kept = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            approx = torch.matmul(kept.to(v.dtype), v[:, h]).float()  # (B, h, R, Dv)
+            errs.append((approx - exact).flatten(-2).norm(dim=-1) / norm)
+        out.append(torch.stack(errs, -1))
     return torch.cat(out, 1)
 
 

@@ -22,7 +22,10 @@ estimate nothing a dense block would not.
 Warm start: centroids live in ``ctx.state["svg2"]`` (the handle keeps one state per branch and
 layer; inside it, one set per batch element and head). The first call runs ``kmeans_iters_first``
 iterations from k-means++ seeds; later calls of the same shape run ``kmeans_iters_step`` from the
-stored centroids; a new shape (resolution, batch, cluster counts) starts cold again.
+stored centroids; a new shape (resolution, batch, cluster counts) starts cold again. Cluster c stays
+segment c through a warm start, so ``info["segment_identity"]`` (per head) changes only at a cold
+start or when one of the head's clusters was empty and re-seeded: the tile-skip cache keeps its
+marks for cluster pairs across steps and drops them when the identity changes.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def cluster_mass(q_centroids, k_centroids, k_sizes):
 
 def floor_count(num_k_clusters: int, min_k_ratio: float) -> int:
     """Key clusters every query cluster keeps whatever the budget: ceil(min_k_ratio · Ck), at least one."""
-    return max(1, math.ceil(min_k_ratio * num_k_clusters))
+    return max(1, math.ceil(min_k_ratio * num_k_clusters - 1e-9))  # 0.1 · 30 is 3.0000000000000004 in floats
 
 
 def select_top_p(mass, top_p: float, min_keep: int):
@@ -109,21 +112,32 @@ def segment_plan(q_labels, k_labels, q_sizes, k_sizes, selected, batch: int, hea
     )
 
 
-def _clusters(q, k, counts, state, params):
-    """Warm- or cold-started k-means on q and k (G, V, D). Returns centroids, labels and iterations run."""
-    key = (tuple(q.shape), counts, str(q.device))
+def _clusters(q, k, counts, shape, state, params):
+    """Warm- or cold-started k-means on q and k (G, V, D), remembered in ``state``.
+
+    Returns the q and k KMeansResults, the iterations run, and each head's segment identity (G,) int64:
+    cluster c stays segment c through warm starts, so the identity changes only at a cold start or when
+    one of the head's clusters was re-seeded (that segment now holds other tokens).
+    """
+    key = (shape, counts, str(q.device))  # any other problem than the stored one starts cold
     warm = state.get("key") == key
     iters = params.kmeans_iters_step if warm else params.kmeans_iters_first
-    q_centroids, q_labels = kmeans(q, counts[0], iters, init=state["q_centroids"] if warm else None)
-    k_centroids, k_labels = kmeans(k, counts[1], iters, init=state["k_centroids"] if warm else None, seed=1)
-    state.update(key=key, q_centroids=q_centroids, k_centroids=k_centroids)
-    return q_centroids, q_labels, k_centroids, k_labels, iters
+    q_km = kmeans(q, counts[0], iters, init=state["q_centroids"] if warm else None)
+    k_km = kmeans(k, counts[1], iters, init=state["k_centroids"] if warm else None, seed=1)
+    if warm:
+        state["reseeds"] = state["reseeds"] + q_km.reseeded + k_km.reseeded
+    else:
+        state["cold_starts"] = state.get("cold_starts", 0) + 1
+        state["reseeds"] = torch.zeros_like(q_km.reseeded)
+    state.update(key=key, q_centroids=q_km.centroids, k_centroids=k_km.centroids)
+    identity = state["cold_starts"] * 2**32 + state["reseeds"]  # (G,) int64
+    return q_km, k_km, iters, identity
 
 
 class SVG2(Method):
     name = "svg2"
 
-    def plan(self, q, k, ctx, params):
+    def plan(self, q, k, ctx, params, v=None):
         layout = ctx.layout
         B, H, _, D = q.shape
         G, V = B * H, layout.video_tokens
@@ -132,10 +146,11 @@ class SVG2(Method):
         kv = k[:, :, video].reshape(G, V, D)
         counts = cluster_counts(V, params.num_q_clusters, params.num_k_clusters)
         state = ctx.state.setdefault("svg2", {})
-        q_cent, q_labels, k_cent, k_labels, iters = _clusters(qv, kv, counts, state, params)
+        q_km, k_km, iters, identity = _clusters(qv, kv, counts, (B, H, V, D), state, params)
+        q_labels, k_labels = q_km.labels, k_km.labels  # (G, V) int32
         q_sizes, k_sizes = cluster_sizes(q_labels, counts[0]), cluster_sizes(k_labels, counts[1])  # (G, C)
 
-        mass = cluster_mass(q_cent, k_cent, k_sizes)
+        mass = cluster_mass(q_km.centroids, k_km.centroids, k_sizes)
         min_keep = floor_count(counts[1], params.min_k_ratio)
         if params.density is None:
             selected = select_top_p(mass, params.top_p, min_keep)
@@ -151,5 +166,6 @@ class SVG2(Method):
             "q_labels": q_labels.view(B, H, V),
             "k_labels": k_labels.view(B, H, V),
             "stats": {"kmeans_iters": iters, "q_clusters": counts[0], "k_clusters": counts[1]},
+            "segment_identity": identity,
         }
         return plan, info

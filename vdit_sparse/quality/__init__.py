@@ -8,7 +8,7 @@
 Videos are ``(T, H, W, C)``: uint8 frames, or floats in [0, 1] (numpy or torch).
 """
 
-from .lpips import LpipsResult, lpips
+from .perceptual import LpipsResult, lpips
 from .metrics import psnr, psnr_per_frame, ssim, ssim_per_frame
 from .suite import compare_videos
 from .vbench import vbench_proxies

@@ -23,6 +23,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -33,9 +36,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    """:func:`atomic_write` of ``json.dumps(obj, indent=2)``; serialising fails before any file is touched.
+def metrics_json(obj) -> str:
+    """``json.dumps(obj, indent=2)``: an infinite PSNR is written as ``Infinity``, which Python's json reads back."""
+    return json.dumps(obj, indent=2) + "\n"
 
-    Non-finite floats are written as ``Infinity`` / ``NaN`` (what Python's json reads back).
-    """
-    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    """:func:`atomic_write` of :func:`metrics_json`; serialising fails before any file is touched."""
+    return atomic_write(path, metrics_json(obj))

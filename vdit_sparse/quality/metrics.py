@@ -15,6 +15,7 @@ import torch
 
 SSIM_SIGMA = 1.5  # Gaussian window of Wang et al. 2004: sigma 1.5, 11 x 11 taps
 SSIM_WINDOW = 11
+SSIM_FRAMES_PER_BATCH = 8  # bounds the float64 working memory on long, large videos
 
 
 def as_video(x, name: str = "video") -> torch.Tensor:
@@ -23,7 +24,10 @@ def as_video(x, name: str = "video") -> torch.Tensor:
     Accepts uint8 (divided by 255) or floating point values in ``[0, 1]``; anything
     else is an error naming ``name``.
     """
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray):
+        # torch refuses to share read-only memory (a memory-mapped run): copy those
+        x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: got {type(x).__name__}; expected a numpy array or torch tensor (T, H, W, C)")
     if t.ndim != 4 or t.shape[-1] not in (1, 3):
@@ -97,25 +101,26 @@ def ssim_per_frame(a, b) -> np.ndarray:
 
     ``SSIM = (2 mu_a mu_b + C1)(2 sigma_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(sigma_a^2 + sigma_b^2 + C2))``
     with local statistics under the window, ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``,
-    ``L = 1``; the map is averaged over pixels and channels (torchmetrics' implementation).
+    ``L = 1``; borders are reflect-padded and the map is averaged over pixels and channels
+    (torchmetrics' implementation).
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     ta, tb = as_pair(a, b)
     if min(ta.shape[1:3]) < SSIM_WINDOW:
         raise ValueError(f"frames are {ta.shape[1]}x{ta.shape[2]}; SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW}")
-    # (T, H, W, C) -> (T, C, H, W): torchmetrics treats each frame as one image
-    values = structural_similarity_index_measure(
-        tb.permute(0, 3, 1, 2),
-        ta.permute(0, 3, 1, 2),
-        gaussian_kernel=True,
-        sigma=SSIM_SIGMA,
-        data_range=1.0,
-        k1=0.01,
-        k2=0.03,
-        reduction="none",
-    )
-    return values.numpy().astype(np.float64)  # (T,)
+    values = []
+    for i in range(0, ta.shape[0], SSIM_FRAMES_PER_BATCH):
+        # float64: in float32, E[x^2] - mu^2 of a flat region can come out negative and pull
+        # the SSIM of identical frames below 1; (T, H, W, C) -> (T, C, H, W), one image per frame
+        xa = ta[i : i + SSIM_FRAMES_PER_BATCH].permute(0, 3, 1, 2).double()
+        xb = tb[i : i + SSIM_FRAMES_PER_BATCH].permute(0, 3, 1, 2).double()
+        values.append(
+            structural_similarity_index_measure(
+                xb, xa, gaussian_kernel=True, sigma=SSIM_SIGMA, data_range=1.0, k1=0.01, k2=0.03, reduction="none"
+            )
+        )
+    return torch.cat(values).numpy()  # (T,) float64
 
 
 def ssim(a, b) -> float:

@@ -56,11 +56,20 @@ class _Axes:
             f'<rect x="{self.left}" y="{self.top}" width="{self.right - self.left}" '
             f'height="{self.bottom - self.top}" fill="none" stroke="#888"/>'
         ]
-        for v in np.linspace(self.x0, self.x1, 5):
+        for v in nice_ticks(self.x0, self.x1):
             out.append(f'<text x="{self.px(v):.1f}" y="{self.bottom + 14}" text-anchor="middle">{_fmt(v)}</text>')
-        for v in np.linspace(self.y0, self.y1, 5):
+        for v in nice_ticks(self.y0, self.y1):
             out.append(f'<text x="{self.left - 4}" y="{self.py(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>')
         return out
+
+
+def nice_ticks(lo: float, hi: float, about: int = 5) -> list[float]:
+    """Round tick values inside [lo, hi]: multiples of 1, 2 or 5 times a power of ten."""
+    raw = (hi - lo) / about
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
 def _span(values: list[float]) -> tuple[float, float]:
@@ -93,6 +102,10 @@ def line_plot(series: dict[str, list[float]], title: str, xlabel: str, ylabel: s
     return _frame(title, xlabel, ylabel, body)
 
 
+# viridis-like anchors: every value, 1 included, stays visible on a white page
+DENSITY_ANCHORS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]
+
+
 def heatmap(matrix: np.ndarray, title: str, xlabel: str, ylabel: str, vmin: float = 0.0, vmax: float = 1.0) -> str:
     """Cells of ``matrix`` (rows = y, from the top; columns = x) coloured on [vmin, vmax]; NaN is grey."""
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -100,7 +113,7 @@ def heatmap(matrix: np.ndarray, title: str, xlabel: str, ylabel: str, vmin: floa
     left, top = MARGIN["left"], MARGIN["top"]
     plot_w, plot_h = WIDTH - left - MARGIN["right"] - 50, HEIGHT - top - MARGIN["bottom"]  # 50 px for the scale bar
     cw, ch = plot_w / max(cols, 1), plot_h / max(rows, 1)
-    colours = heat_colours((matrix - vmin) / ((vmax - vmin) or 1.0))
+    colours = heat_colours((matrix - vmin) / ((vmax - vmin) or 1.0), DENSITY_ANCHORS)
     body = []
     for r in range(rows):
         for c in range(cols):
@@ -116,7 +129,7 @@ def heatmap(matrix: np.ndarray, title: str, xlabel: str, ylabel: str, vmin: floa
         body.append(f'<text x="{left - 4}" y="{top + (r + 0.5) * ch + 4:.1f}" text-anchor="end">{r}</text>')
     bar_x = left + plot_w + 15
     for i in range(20):  # scale bar, vmax at the top
-        colour = "#%02x%02x%02x" % tuple(heat_colours(np.array(1 - i / 19)))
+        colour = "#%02x%02x%02x" % tuple(heat_colours(np.array(1 - i / 19), DENSITY_ANCHORS))
         body.append(f'<rect x="{bar_x}" y="{top + i * plot_h / 20:.1f}" width="12" height="{plot_h / 20 + 0.3:.1f}" fill="{colour}"/>')
     body.append(f'<text x="{bar_x + 14}" y="{top + 8}">{_fmt(vmax)}</text>')
     body.append(f'<text x="{bar_x + 14}" y="{top + plot_h}">{_fmt(vmin)}</text>')

@@ -6,7 +6,7 @@ import importlib
 
 import numpy as np
 
-from .lpips import lpips as lpips_metric
+from .perceptual import lpips as lpips_metric
 from .metrics import as_pair, mean_psnr, psnr_per_frame, ssim_per_frame
 from .vbench import vbench_proxies
 
@@ -27,12 +27,13 @@ def _fidelity(a, b) -> tuple[float, float, list[float], list[float]]:
     return mean_psnr(per_psnr, tuple(ta.shape[1:])), float(per_ssim.mean()), per_psnr.tolist(), per_ssim.tolist()
 
 
-def prompt_following_scores(video_uint8: np.ndarray, prompt: str) -> dict[str, float | None] | None:
+def prompt_following_scores(video_uint8: np.ndarray, prompt: str) -> dict | None:
     """Scores from ``vdit_sparse.quality.prompt_following`` when that module exists, else None.
 
     That module (the embedded procedural-shapes model's own checks of colour, motion and
     count, from pixels) provides
-    ``prompt_following(frames_uint8: np.ndarray (T, H, W, 3), prompt: str) -> dict[str, float | None]``.
+    ``prompt_following(frames_uint8: np.ndarray (T, H, W, 3), prompt: str) -> dict[str, float | None]``;
+    bools (``colour_ok``) and labels (``detected_colour``) are passed through as they are.
     """
     name = f"{__package__}.prompt_following"
     try:

@@ -104,13 +104,15 @@ def _layout(v: np.ndarray) -> np.ndarray:
 
 
 def subject_consistency(video) -> float:
-    """Consistency of frame appearance: :func:`_consistency` of joint colour histograms.
+    """Consistency of frame appearance: :func:`_consistency` of ``sqrt`` joint colour histograms.
 
-    VBench uses DINO features, which keep an object's identity wherever it moves; a
-    colour histogram is likewise unchanged by motion and changes when the subject's
-    colours or shape (its pixel count) change.
+    The cosine of square-rooted histograms is their Bhattacharyya coefficient
+    ``sum_i sqrt(p_i q_i)``; the square root keeps a small subject from being drowned by
+    a large background. VBench uses DINO features, which keep an object's identity
+    wherever it moves; a colour histogram is likewise unchanged by motion and changes
+    when the subject's colours or size change. A crude proxy: it cannot see shape.
     """
-    return _consistency(_colour_histograms(_video(video)))
+    return _consistency(np.sqrt(_colour_histograms(_video(video))))
 
 
 def background_consistency(video) -> float:

@@ -13,12 +13,13 @@ _HEAT_ANCHORS = np.array([[0, 0, 0], [90, 20, 130], [220, 70, 50], [250, 200, 40
 SEPARATOR = 2  # pixels of black between panels
 
 
-def heat_colours(x: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (any shape) to uint8 RGB ``(..., 3)`` by piecewise-linear anchors."""
-    pos = np.clip(x, 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
-    low = np.minimum(pos.astype(np.int64), len(_HEAT_ANCHORS) - 2)
+def heat_colours(x: np.ndarray, anchors=_HEAT_ANCHORS) -> np.ndarray:
+    """Map values in [0, 1] (any shape) to uint8 RGB ``(..., 3)``, linear between evenly spaced anchor colours."""
+    anchors = np.asarray(anchors, dtype=np.float64)
+    pos = np.clip(np.nan_to_num(x), 0.0, 1.0) * (len(anchors) - 1)
+    low = np.minimum(pos.astype(np.int64), len(anchors) - 2)
     frac = (pos - low)[..., None]
-    return (_HEAT_ANCHORS[low] * (1 - frac) + _HEAT_ANCHORS[low + 1] * frac + 0.5).astype(np.uint8)
+    return (anchors[low] * (1 - frac) + anchors[low + 1] * frac + 0.5).astype(np.uint8)
 
 
 def difference_heat_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,0 +1,90 @@
+"""CogVideoX (1.0 and 1.5) adapter: joint attention over [text; video] in each block's ``attn1``.
+
+CogVideoX has no text mask: its padded T5 tokens are ordinary keys in the dense model, so they stay
+ordinary text tokens here. Latents arrive as (B, F, C, H, W); CogVideoX 1.5 also patches in time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vdit_sparse.layout import VideoLayout
+
+
+class CogVideoXJointAttnProcessor:
+    """Replaces ``CogVideoXAttnProcessor2_0`` on ``attn1``; hands q, k, v to the accelerate handle."""
+
+    def __init__(self, attend, layer: int, original):
+        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn) -> out, all (B, N, H, D)
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, T + V, C)
+        B, N, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, N, B)
+            attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = k.shape[-1] // attn.heads
+        # (B, H, N, D) strided views, exactly as the stock processor lays them out for SDPA
+        q, k, v = (t.view(B, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if image_rotary_emb is not None:  # rotary positions belong to the video part only
+            q[:, :, text:] = apply_rotary_emb(q[:, :, text:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                k[:, :, text:] = apply_rotary_emb(k[:, :, text:], image_rotary_emb)
+
+        def dense_fn(q, k, v):  # (B, N, H, D) in and out; the stock SDPA call, bit for bit
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask, dropout_p=0.0,
+                is_causal=False,
+            )
+            return out.transpose(1, 2)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, H, D) views
+        if attention_mask is not None:  # a caller's mask is not something a block plan can express
+            out = dense_fn(q, k, v)
+        else:
+            out = self.attend(self.layer, q, k, v, dense_fn)  # (B, N, H, D)
+        out = out.reshape(B, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        text_out, video_out = out.split([text, N - text], dim=1)
+        return video_out, text_out
+
+
+class CogVideoXAdapter:
+    family = "cogvideox"
+
+    @staticmethod
+    def matches(transformer) -> bool:
+        from diffusers import CogVideoXTransformer3DModel
+
+        return isinstance(transformer, CogVideoXTransformer3DModel)
+
+    @staticmethod
+    def self_attention(transformer) -> list[tuple[int, torch.nn.Module]]:
+        return [(i, block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
+
+    @staticmethod
+    def layout(transformer, args, kwargs) -> VideoLayout:
+        given = dict(zip(("hidden_states", "encoder_hidden_states"), args)) | kwargs
+        hidden, text = given["hidden_states"], given["encoder_hidden_states"]  # (B, F, C, H, W), (B, T, C)
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1
+        _, f, _, h, w = hidden.shape
+        if f % p_t:
+            raise ValueError(f"hidden_states: {f} latent frames, not a multiple of the transformer's patch_size_t={p_t}")
+        tokens = text.shape[1]
+        return VideoLayout(
+            frames=f // p_t, height=h // p, width=w // p,
+            text_tokens=tokens, text_position="before" if tokens else "none",
+        )
+
+    make_processor = CogVideoXJointAttnProcessor

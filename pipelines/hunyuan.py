@@ -1,0 +1,159 @@
+"""HunyuanVideo adapter: joint attention over [video; text] in every double- and single-stream block.
+
+The text part is padded to a fixed length and the padding keys are masked out. The processor cuts
+the padding off before the sparse path, so a method sees only real tokens (its plan and its
+statistics never meet padding), and computes the padding query rows densely on the side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vdit_sparse.layout import VideoLayout
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(2, (heads, -1))  # (B, N, H, D)
+
+
+def _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """q, k, v (B, V + T, H, D) over [video; text], computed as HunyuanVideoAttnProcessor2_0 does."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+    single_stream = attn.add_q_proj is None
+    if single_stream and text:  # single-stream blocks project video and text with the same weights
+        hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if image_rotary_emb is not None:
+        if single_stream and text:  # rotary positions belong to the video part only
+            q = torch.cat([apply_rotary_emb(q[:, :-text], image_rotary_emb, sequence_dim=1), q[:, -text:]], dim=1)
+            k = torch.cat([apply_rotary_emb(k[:, :-text], image_rotary_emb, sequence_dim=1), k[:, -text:]], dim=1)
+        else:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+    if not single_stream and text:  # double-stream blocks: text has its own projections
+        tq, tk, tv = (_heads(p(encoder_hidden_states), attn.heads) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        q, k, v = torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
+    return q, k, v
+
+
+def real_text_lengths(attention_mask, text: int) -> list[int] | None:
+    """Per batch item, how many text tokens are real; None when nothing is padding.
+
+    HunyuanVideo's key mask (B, 1, 1, N) is True on a prefix: the video and then the real text.
+    """
+    if attention_mask is None or text == 0:
+        return None
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(f"attention_mask: expected HunyuanVideo's bool key mask, got dtype {attention_mask.dtype}")
+    keys = attention_mask.reshape(attention_mask.shape[0], -1)  # (B, N)
+    lengths = (keys[:, -text:].sum(1)).tolist()
+    return None if all(n == text for n in lengths) else lengths
+
+
+class HunyuanJointAttnProcessor:
+    """Replaces ``HunyuanVideoAttnProcessor2_0`` on a joint-attention module; hands q, k, v to the accelerate handle."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, attend, layer: int, original):
+        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn) -> out, all (B, N, H, D)
+        self.layer = layer
+        self.original = original
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        q, k, v = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)  # (B, V + T, H, D)
+        text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        out = self._attention(q, k, v, attention_mask, text)  # (B, V + T, H, D)
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out, None
+        video, text_out = out[:, :-text], out[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            video = attn.to_out[1](attn.to_out[0](video))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video, text_out
+
+    def _dense(self, attention_mask):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def dense_fn(q, k, v):  # the stock call, bit for bit
+            return dispatch_attention_fn(
+                q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        return dense_fn
+
+    def _attention(self, q, k, v, attention_mask, text: int) -> torch.Tensor:
+        dense_fn = self._dense(attention_mask)
+        lengths = real_text_lengths(attention_mask, text)
+        if lengths is None:
+            return self.attend(self.layer, q, k, v, dense_fn)
+        if len(set(lengths)) > 1:
+            # prompts padded to different lengths in one batch: one layout cannot describe them, and a
+            # plan over the padded sequence would let padding keys take attention; stay exact
+            return dense_fn(q, k, v)
+        n = q.shape[1] - text + lengths[0]  # video + real text
+        pad_q, pad_k, pad_v = q[:, n:], k[:, n:], v[:, n:]
+        padding_rows = {}
+
+        def dense_real(a, b, c):  # the dense path puts the padding back, so it is the stock call exactly
+            out = dense_fn(torch.cat([a, pad_q], 1), torch.cat([b, pad_k], 1), torch.cat([c, pad_v], 1))
+            padding_rows["out"] = out[:, n:]
+            return out[:, :n]
+
+        out = self.attend(self.layer, q[:, :n], k[:, :n], v[:, :n], dense_real)  # (B, n, H, D)
+        rows = padding_rows.get("out")
+        if rows is None:  # padding queries attend every real key, as in the masked dense call
+            rows = dense_fn(pad_q, k, v)
+        return torch.cat([out, rows.to(out.dtype)], 1)
+
+
+class HunyuanVideoAdapter:
+    family = "hunyuan"
+
+    @staticmethod
+    def matches(transformer) -> bool:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        return isinstance(transformer, HunyuanVideoTransformer3DModel)
+
+    @staticmethod
+    def self_attention(transformer) -> list[tuple[int, torch.nn.Module]]:
+        # double-stream blocks first, then single-stream ones: the order the forward runs them in
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        return [(i, block.attn) for i, block in enumerate(blocks)]
+
+    @staticmethod
+    def layout(transformer, args, kwargs) -> VideoLayout:
+        names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+        given = dict(zip(names, args)) | kwargs
+        hidden, text = given["hidden_states"], given["encoder_hidden_states"]  # (B, C, F, H, W), (B, T, C)
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        _, _, f, h, w = hidden.shape
+        tokens = text.shape[1]
+        mask = given.get("encoder_attention_mask")  # (B, T), real tokens first
+        if mask is not None:
+            lengths = mask.sum(1).tolist()
+            if len(set(lengths)) == 1:  # the processor cuts uniform padding off; mixed padding runs dense
+                tokens = int(lengths[0])
+        return VideoLayout(
+            frames=f // p_t, height=h // p, width=w // p,
+            text_tokens=tokens, text_position="after" if tokens else "none",
+        )
+
+    make_processor = HunyuanJointAttnProcessor

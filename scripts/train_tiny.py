@@ -1,0 +1,455 @@
+"""Train the embedded default model on the shapes world: the VAE, then the DiT, then export.
+
+    python scripts/train_tiny.py --stage vae --minutes 4 --ckpt-dir ckpt     # resumes if ckpt/vae.json exists
+    python scripts/train_tiny.py --stage dit --minutes 9 --ckpt-dir ckpt     # call again to go on
+    python scripts/train_tiny.py --stage export --ckpt-dir ckpt --out vdit_sparse/data/tiny
+    python scripts/train_tiny.py --smoke --stage vae --steps 2 --ckpt-dir /tmp/c   # micro scale, CPU
+
+Every stage builds the real diffusers / transformers classes (AutoencoderKLWan,
+WanTransformer3DModel, UMT5EncoderModel with the word-level tokenizer of pipelines/tiny.py), and
+export writes a WanPipeline directory (safetensors) that ``load_pipeline("tiny")`` picks up.
+
+Flow matching, in diffusers' FlowMatchEulerDiscreteScheduler convention (read in its ``step``:
+x_prev = x + (sigma_next - sigma) * model_output, and x0 = x - sigma * model_output):
+    x_t = (1 - sigma) * x0 + sigma * eps,   target v = eps - x0,   timestep = 1000 * sigma,
+with sigma = shift * u / (1 + (shift - 1) * u), u ~ U(0, 1): the scheduler's own shift, so
+training sees noise levels with the density inference visits.
+
+Reproducible from ``--seed``: step ``s`` of a stage draws its clips and its noise from (seed, stage,
+s) alone, so a run cut into resumed calls sees the same data as one long run, and no random-generator
+state needs saving. Checkpoints: ``DIR/<stage>.json`` names the parts ``DIR/<stage>-<step>.partK``
+(each below 15 MiB, so they travel through the device tool's 16 MiB file limit); the manifest is
+replaced last, atomically, so a cut-off save leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vdit_sparse import shapes_world
+from vdit_sparse.pipelines.tiny import MAX_TEXT_TOKENS, TEXT_DIM, TEXT_ENCODER_CONFIG, build_tokenizer
+
+STAGES = ("vae", "dit", "export")
+STAGE_IDS = {"vae": 1, "dit": 2, "stats": 3}
+PART_BYTES = 15 * 2**20
+MAX_EXPORT_MB = 40
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and optimisation settings of one training scale."""
+
+    frames: int  # of a generated clip (4k + 1)
+    height: int
+    width: int
+    vae: dict = field(default_factory=dict)
+    dit: dict = field(default_factory=dict)
+    vae_frames: int = 9  # the VAE is causal and convolutional: it trains on shorter clips
+    vae_batch: int = 8
+    vae_lr: float = 3e-4
+    kl_weight: float = 1e-4  # on the per-element KL; keeps the posterior from collapsing
+    dit_batch: int = 32
+    dit_lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    caption_drop: float = 0.1  # classifier-free guidance: empty prompt this often
+    shift: float = 3.0  # FlowMatchEulerDiscreteScheduler(shift=...) of the exported pipeline
+    stat_clips: int = 64  # clips whose VAE latents set latents_mean / latents_std
+    moments_dtype: str = "bfloat16"  # Adam moments on disk: bf16 keeps the DiT checkpoint carryable
+    save_every_min: float = 3.0
+
+
+DEFAULT = Recipe(
+    frames=25, height=128, width=128,
+    vae=dict(
+        base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+        scale_factor_spatial=4, scale_factor_temporal=4,
+    ),
+    dit=dict(
+        patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ),
+)
+
+SMOKE = dataclasses.replace(
+    DEFAULT, frames=5, height=32, width=32, vae_frames=5, vae_batch=2, dit_batch=2, warmup_steps=2, stat_clips=2,
+    moments_dtype="float32", vae=dict(DEFAULT.vae, base_dim=4),
+    dit=dict(DEFAULT.dit, num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32, num_layers=1),
+)
+
+
+# ---------------------------------------------------------------- components
+
+
+def build_vae(recipe: Recipe, latents_mean=None, latents_std=None):
+    from diffusers import AutoencoderKLWan
+
+    extra = {} if latents_mean is None else dict(latents_mean=list(latents_mean), latents_std=list(latents_std))
+    return AutoencoderKLWan(**recipe.vae, **extra)
+
+
+def build_transformer(recipe: Recipe):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**recipe.dit)
+
+
+def build_text_encoder(seed: int, vocab_size: int):
+    """The frozen random UMT5 of pipelines/tiny.py, drawn from ``seed``."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **TEXT_ENCODER_CONFIG)).eval().requires_grad_(False)
+
+
+def build_pipeline(recipe: Recipe, seed: int, transformer, vae):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(seed, len(tokenizer))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=recipe.shift)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state: dict, ckpt_dir: Path, name: str) -> None:
+    """Write ``state`` as parts below PART_BYTES, then atomically replace the manifest ``name.json``."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    parts = []
+    for k, start in enumerate(range(0, len(data), PART_BYTES)):
+        part = f"{name}-{state['step']:07d}.part{k}"
+        _write_atomic(ckpt_dir / part, data[start : start + PART_BYTES])
+        parts.append(part)
+    manifest = dict(name=name, step=state["step"], parts=parts, sha256=hashlib.sha256(data).hexdigest())
+    _write_atomic(ckpt_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())
+    for old in ckpt_dir.glob(f"{name}-*.part*"):
+        if old.name not in parts:
+            old.unlink()
+
+
+def load_checkpoint(ckpt_dir: Path, name: str) -> dict | None:
+    """The state saved under ``name``, or None when there is none; a corrupt one is an error."""
+    manifest_path = ckpt_dir / f"{name}.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    data = b"".join((ckpt_dir / part).read_bytes() for part in manifest["parts"])
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise RuntimeError(f"checkpoint {manifest_path}: parts do not match the manifest's sha256; delete it to restart")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def optimizer_state(optimizer, dtype: torch.dtype) -> dict:
+    """The optimizer's state dict with its moment tensors cast to ``dtype`` (bf16 halves them)."""
+    state = optimizer.state_dict()
+    for per_param in state["state"].values():
+        for key, value in per_param.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                per_param[key] = value.to(dtype)
+    return state
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    for per_param in state["state"].values():
+        for key, value in per_param.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                per_param[key] = value.float()
+    optimizer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- training pieces
+
+
+def step_generator(seed: int, stage: str, step: int, device) -> torch.Generator:
+    """The only randomness of one training step: a function of (seed, stage, step)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + STAGE_IDS[stage] * 10_007 + step)
+
+
+def learning_rate(step: int, peak: float, warmup_steps: int) -> float:
+    """Linear warm-up to ``peak``, then constant (runs are cut by time, not by a step count)."""
+    return peak * min(1.0, (step + 1) / warmup_steps)
+
+
+def flow_matching_batch(x0: torch.Tensor, shift: float, generator: torch.Generator):
+    """(x_t, sigma, v) for x0 (B, C, T, H, W): x_t = (1 - sigma) x0 + sigma eps, v = eps - x0.
+
+    sigma = shift * u / (1 + (shift - 1) * u), u ~ U(0, 1).
+    """
+    u = torch.rand(x0.shape[0], device=x0.device, generator=generator)
+    sigma = shift * u / (1 + (shift - 1) * u)  # (B,)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (1 - s) * x0 + s * eps, sigma, eps - x0
+
+
+def vae_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Generator):
+    """L1 + MSE reconstruction of video (B, 3, T, H, W) in [-1, 1], plus kl_weight * mean KL per latent."""
+    posterior = vae.encode(video).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, device=video.device, generator=generator)
+    recon = vae.decode(z).sample
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+    rec = (recon.float() - video).abs().mean() + (recon.float() - video).pow(2).mean()
+    return rec + kl_weight * kl, rec
+
+
+@torch.no_grad()
+def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
+    """Posterior means (B, z, T', H', W') of video (B, 3, T, H, W), in float32."""
+    return vae.encode(video).latent_dist.mode().float()
+
+
+@torch.no_grad()
+def latent_statistics(vae, recipe: Recipe, seed: int, device, autocast) -> tuple[list, list]:
+    """Per-channel mean and std of the latents of ``recipe.stat_clips`` training clips."""
+    latents = []
+    for step in range(max(1, recipe.stat_clips // 8)):
+        video, _ = shapes_world.render_batch(_stream(seed, "stats"), step, min(8, recipe.stat_clips),
+                                             recipe.frames, recipe.height, recipe.width, device=device)
+        with autocast():
+            latents.append(encode_latents(vae, video))
+    z = torch.cat(latents).transpose(0, 1).flatten(1)  # (z, N)
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+def caption_table(pipe, device) -> dict[str, torch.Tensor]:
+    """Embeddings (MAX_TEXT_TOKENS, TEXT_DIM) of every caption of the world and of "", as the pipeline makes them."""
+    captions = [c.caption() for c in shapes_world.all_combos()] + [""]
+    embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=MAX_TEXT_TOKENS, device=device)
+    return dict(zip(captions, embeds.float()))
+
+
+def _stream(seed: int, stage: str) -> int:
+    return seed * 100 + STAGE_IDS[stage]
+
+
+@torch.no_grad()
+def ema_update(ema: dict, model, decay: float) -> None:
+    for name, p in model.named_parameters():
+        ema[name].lerp_(p.detach().float(), 1 - decay)
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Clock:
+    """Stops a stage before ``minutes`` run out, leaving room for one more step and a save."""
+
+    def __init__(self, minutes: float, max_steps: int | None):
+        self.start = time.monotonic()
+        self.deadline = self.start + minutes * 60
+        self.max_steps = max_steps
+        self.steps = 0
+        self.slowest = 0.0
+
+    def more(self) -> bool:
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            return False
+        return time.monotonic() + 2 * self.slowest + 5 < self.deadline
+
+    def tick(self, seconds: float) -> None:
+        self.steps += 1
+        self.slowest = max(self.slowest, seconds) if self.steps > 2 else self.slowest  # skip compile steps
+
+
+def train_vae(args, recipe: Recipe, device, autocast) -> dict:
+    torch.manual_seed(args.seed)
+    vae = build_vae(recipe).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    state = load_checkpoint(args.ckpt_dir, "vae")
+    step = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"])
+        step = state["step"]
+    clock, last_save = Clock(args.minutes, args.steps), time.monotonic()
+    while clock.more():
+        t0 = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, recipe.vae_lr, recipe.warmup_steps)
+        video, _ = shapes_world.render_batch(_stream(args.seed, "vae"), step, recipe.vae_batch, recipe.vae_frames,
+                                             recipe.height, recipe.width, device=device)
+        with autocast():
+            loss, rec = vae_loss(vae, video, recipe.kl_weight, step_generator(args.seed, "vae", step, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        clock.tick(time.monotonic() - t0)
+        _log(args, "vae", step, rec=rec.item())
+        if time.monotonic() - last_save > recipe.save_every_min * 60:
+            _save_vae(args, recipe, vae, optimizer, step)
+            last_save = time.monotonic()
+    _save_vae(args, recipe, vae, optimizer, step)
+    return dict(stage="vae", step=step, steps_this_call=clock.steps)
+
+
+def _save_vae(args, recipe, vae, optimizer, step):
+    moments = getattr(torch, recipe.moments_dtype)
+    state = dict(step=step, seed=args.seed, model=vae.state_dict(), optimizer=optimizer_state(optimizer, moments))
+    save_checkpoint(state, args.ckpt_dir, "vae")
+
+
+def train_dit(args, recipe: Recipe, device, autocast) -> dict:
+    vae_state = load_checkpoint(args.ckpt_dir, "vae")
+    if vae_state is None:
+        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: no vae.json there; run --stage vae first")
+    vae = build_vae(recipe).to(device).eval().requires_grad_(False)
+    vae.load_state_dict(vae_state["model"])
+    torch.manual_seed(args.seed + 2)
+    transformer = build_transformer(recipe).to(device).train()
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=recipe.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    state = load_checkpoint(args.ckpt_dir, "dit")
+    if state is None:
+        mean, std = latent_statistics(vae, recipe, args.seed, device, autocast)
+        ema = {n: p.detach().float().clone() for n, p in transformer.named_parameters()}
+        step = 0
+    else:
+        transformer.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"])
+        ema = {n: t.to(device) for n, t in state["ema"].items()}
+        mean, std, step = state["latents_mean"], state["latents_std"], state["step"]
+    pipe = build_pipeline(recipe, args.seed, transformer, vae).to(device)
+    table = caption_table(pipe, device)
+    forward = torch.compile(transformer) if args.compile else transformer
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1, 1)
+    clock, last_save = Clock(args.minutes, args.steps), time.monotonic()
+    while clock.more():
+        t0 = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, recipe.dit_lr, recipe.warmup_steps)
+        generator = step_generator(args.seed, "dit", step, device)
+        video, captions = shapes_world.render_batch(_stream(args.seed, "dit"), step, recipe.dit_batch, recipe.frames,
+                                                    recipe.height, recipe.width, device=device)
+        with autocast():
+            x0 = (encode_latents(vae, video) - mean_t) / std_t  # (B, 16, T', H', W')
+        drop = torch.rand(len(captions), device=device, generator=generator) < recipe.caption_drop
+        text = torch.stack([table["" if d else c] for c, d in zip(captions, drop.tolist())])  # (B, L, TEXT_DIM)
+        x_t, sigma, v = flow_matching_batch(x0, recipe.shift, generator)
+        with autocast():
+            pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), v)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, transformer, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        clock.tick(time.monotonic() - t0)
+        _log(args, "dit", step, loss=loss.item())
+        if time.monotonic() - last_save > recipe.save_every_min * 60:
+            _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step)
+            last_save = time.monotonic()
+    _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step)
+    return dict(stage="dit", step=step, steps_this_call=clock.steps)
+
+
+def _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step):
+    moments = getattr(torch, recipe.moments_dtype)
+    state = dict(
+        step=step, seed=args.seed, model=transformer.state_dict(), optimizer=optimizer_state(optimizer, moments),
+        ema={n: t.cpu() for n, t in ema.items()}, latents_mean=mean, latents_std=std,
+    )
+    save_checkpoint(state, args.ckpt_dir, "dit")
+
+
+def export(args, recipe: Recipe) -> dict:
+    """A WanPipeline directory: EMA transformer, trained VAE with its latent statistics, frozen UMT5."""
+    vae_state, dit_state = load_checkpoint(args.ckpt_dir, "vae"), load_checkpoint(args.ckpt_dir, "dit")
+    if vae_state is None or dit_state is None:
+        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: needs vae.json and dit.json; train both stages first")
+    vae = build_vae(recipe, dit_state["latents_mean"], dit_state["latents_std"]).eval()
+    vae.load_state_dict(vae_state["model"])
+    transformer = build_transformer(recipe).eval()
+    transformer.load_state_dict(dit_state["model"])
+    transformer.load_state_dict(dit_state["ema"], strict=False)  # the EMA holds parameters only
+    pipe = build_pipeline(recipe, args.seed, transformer, vae)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    provenance = dict(seed=args.seed, vae_steps=vae_state["step"], dit_steps=dit_state["step"], smoke=args.smoke,
+                      recipe=dataclasses.asdict(recipe))
+    (args.out / "training.json").write_text(json.dumps(provenance, indent=1))
+    size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
+    if size_mb > MAX_EXPORT_MB:
+        raise SystemExit(f"export {args.out}: {size_mb:.1f} MiB, over the {MAX_EXPORT_MB} MiB budget")
+    return dict(stage="export", out=str(args.out), size_mb=round(size_mb, 2), **provenance)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _log(args, stage: str, step: int, **values) -> None:
+    if step % args.log_every == 0:
+        print(f"{stage} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+
+
+def parse_args(argv=None):
+    from vdit_sparse.pipelines.tiny import packaged_weights_dir
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=STAGES, required=True)
+    p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoints; a stage resumes from what it finds here")
+    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call's training loop")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=packaged_weights_dir(), help="export: the pipeline directory")
+    p.add_argument("--smoke", action="store_true", help="micro scale (32x32, 5 frames, tiny models) for CPU tests")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (CUDA)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.minutes <= 0:
+        p.error(f"--minutes {args.minutes}: must be > 0")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    recipe = SMOKE if args.smoke else DEFAULT
+    if args.stage == "export":
+        result = export(args, recipe)
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
+        train = train_vae if args.stage == "vae" else train_dit
+        result = train(args, recipe, device, autocast)
+    print(json.dumps(result, default=str), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

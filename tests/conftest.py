@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The embedded pipeline, built once per session (tests must not leave it accelerated)."""
+    from vdit_sparse.loading import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_tiny(pipe, seed=0, steps=2, frames=9, size=64, **kw):
+    """A small, fast run of the tiny pipeline: (T, H, W, 3) float frames."""
+    out = pipe(
+        prompt=kw.pop("prompt", "a red square moving right"), num_frames=frames, height=size, width=size,
+        num_inference_steps=steps, max_sequence_length=16, generator=torch.Generator().manual_seed(seed),
+        output_type="np", **kw,
+    )
+    return out.frames[0]

@@ -1,0 +1,224 @@
+"""block_sparse_attention against the dense-mask reference, on both the Triton and the torch path.
+
+Triton runs through its CPU interpreter here (conftest.py); shapes stay small. Inputs are fresh
+random each run (the seed is printed), and outputs are written into NaN-filled buffers, so a row the
+kernel forgets to write fails the comparison.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vdit_sparse.kernels.block_sparse_attention import block_sparse_attention
+from vdit_sparse.kernels.reference import reference_attention, reference_tile_stats
+from vdit_sparse.plan import BlockPlan, from_block_mask
+
+BACKENDS = ["triton", "torch"]
+TORCH_TILES = {"BLOCK_M": 16, "BLOCK_N": 24}  # small tiles: segments span several tiles even at small N
+KINDS = ["blocks", "ragged_n", "perm", "segments"]
+SHAPE = {"blocks": 128, "ragged_n": 100, "perm": 120, "segments": 120}  # N per plan kind
+B, H, D = 1, 2, 32
+
+
+def run(kit, backend, q, k, v, plan, skip=None, **kw):
+    """The call under test, on the backend's device, into a poisoned buffer; results come back on CPU."""
+    dev = kit.DEVICE if backend == "triton" else "cpu"
+    q, k, v = (t.to(dev) for t in (q, k, v))
+    out = kit.poisoned(torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=dev))
+    config = None if backend == "triton" else TORCH_TILES
+    res = block_sparse_attention(
+        q, k, v, kit.to_device(plan, dev), backend=backend, out=out, config=config,
+        skip=None if skip is None else skip.to(dev), **kw,
+    )
+    got = res[0] if isinstance(res, tuple) else res
+    assert got is out  # written in place, in the caller's buffer
+    return tuple(t.cpu() for t in res) if isinstance(res, tuple) else res.cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(kit, gen, backend, dtype, kind):
+    N = SHAPE[kind]
+    plan = kit.make_plan(kind, B, H, N, gen)
+    plan.validate()
+    q, k, v = kit.make_qkv(B, H, N, D, dtype, gen)
+    out = run(kit, backend, q, k, v, plan)
+    ref = reference_attention(q.float(), k.float(), v.float(), plan)
+    assert not out.isnan().any()
+    assert kit.rel_l2(out, ref) < kit.TOL[dtype]
+
+
+def test_fp16_and_small_head_dim(kit, gen):
+    N, d = 100, 16
+    plan = kit.make_plan("segments", B, H, N, gen)
+    q, k, v = kit.make_qkv(B, H, N, d, torch.float16, gen)
+    out = run(kit, "triton", q, k, v, plan)
+    assert kit.rel_l2(out, reference_attention(q.float(), k.float(), v.float(), plan)) < kit.TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_block_without_keys_gives_zeros(kit, gen, backend):
+    N = 150  # not a multiple of the block size either
+    mask = torch.rand(B, H, 5, 5, generator=gen) < 0.6
+    mask[:, :, 2] = False  # query rows 64..95 attend to nothing
+    plan = from_block_mask(mask, (32, 32), N)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.bfloat16, gen)
+    skip = torch.zeros_like(plan.kv_index, dtype=torch.bool)
+    skip[:, 4] = True  # every entry of query block 4 skipped: rows 128..149 get nothing either
+    out = run(kit, backend, q, k, v, plan, skip=skip)
+    assert not out.isnan().any()
+    assert (out[:, :, 64:96] == 0).all() and (out[:, :, 128:] == 0).all()
+    assert (out[:, :, :64].abs().sum(-1) > 0).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_equals_dropped_plan(kit, gen, backend):
+    N = 120
+    plan = kit.make_plan("segments", B, H, N, gen, density=0.7)
+    skip = torch.rand(plan.kv_index.shape, generator=gen) < 0.4
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    out, stats = run(kit, backend, q, k, v, plan, skip=skip, tile_stats=True)
+    ref = reference_attention(q, k, v, plan.drop(skip))
+    assert kit.rel_l2(out, ref) < 1e-5
+    assert (stats[skip] == float("-inf")).all()  # skipped entries were not computed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_tile_stats_match_reference(kit, gen, backend, reverse):
+    N = 120
+    plan = kit.make_plan("segments", B, H, N, gen, density=0.7)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    q = q * 3  # sharper attention: stats spread over a wide range
+    out, stats = run(kit, backend, q, k, v, plan, tile_stats=True, reverse=reverse)
+    ref = reference_tile_stats(q, k, plan, reverse=reverse)
+    G, Sq, L = plan.kv_index.shape
+    assert stats.shape == (G, Sq, L) and stats.dtype == torch.float32
+    assert torch.equal(stats.isinf(), ref.isinf())  # -inf exactly where nothing was computed
+    finite = ref.isfinite()
+    assert finite.any() and (stats[finite] <= 0).all()
+    torch.testing.assert_close(stats[finite], ref[finite], atol=1e-4, rtol=0)
+    assert kit.rel_l2(out, reference_attention(q, k, v, plan)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_scanned_entry_has_stat_zero(kit, gen, backend):
+    """The first entry scanned sets every row's running max, so its statistic is exactly 0."""
+    N = 128
+    mask = torch.rand(B, H, 4, 4, generator=gen) < 0.7
+    mask[..., 1] = True  # every query block has at least one (non-empty) key block
+    plan = from_block_mask(mask, (32, 32), N)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    last = (plan.kv_count.long() - 1)[..., None]  # (G, Sq, 1)
+    _, fwd = run(kit, backend, q, k, v, plan, tile_stats=True)
+    _, rev = run(kit, backend, q, k, v, plan, tile_stats=True, reverse=True)
+    assert (fwd[..., 0] == 0).all()
+    assert (torch.gather(rev, 2, last) == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_gives_the_same_output(kit, gen, backend):
+    N = 100
+    plan = kit.make_plan("segments", B, H, N, gen)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    fwd = run(kit, backend, q, k, v, plan)
+    rev = run(kit, backend, q, k, v, plan, reverse=True)
+    assert kit.rel_l2(rev, fwd) < 1e-6
+
+
+def _to_plan_order(x, perm):
+    """(B, H, N, D) with row i of group g = x's row perm[g, i]: a physically permuted copy."""
+    B_, H_, N, d = x.shape
+    flat = x.reshape(B_ * H_, N, d)
+    return torch.gather(flat, 1, perm.long()[..., None].expand(-1, -1, d)).view(B_, H_, N, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permutation_round_trip_is_exact(kit, gen, backend):
+    """Gathering inside the kernel equals permuting q, k, v outside, running, and scattering back: bit for bit."""
+    N = 100
+    plan = kit.make_plan("segments", B, H, N, gen)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.bfloat16, gen)
+    out, stats = run(kit, backend, q, k, v, plan, tile_stats=True)
+    unpermuted = replace(plan, q_perm=None, k_perm=None)
+    qp, kp, vp = _to_plan_order(q, plan.q_perm), _to_plan_order(k, plan.k_perm), _to_plan_order(v, plan.k_perm)
+    out_p, stats_p = run(kit, backend, qp, kp, vp, unpermuted, tile_stats=True)
+    back = torch.empty_like(out_p).view(B * H, N, D)
+    back.scatter_(1, plan.q_perm.long()[..., None].expand(-1, -1, D), out_p.view(B * H, N, D))
+    assert torch.equal(back.view_as(out), out)
+    assert torch.equal(stats, stats_p)
+    identity = torch.arange(N, dtype=torch.int32).expand(B * H, N).contiguous()
+    same = run(kit, backend, qp, kp, vp, replace(plan, q_perm=identity, k_perm=identity))
+    assert torch.equal(same, out_p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_expanded_plan(kit, gen, backend):
+    """q, k, v as diffusers' (B, N, H, D) transposed, plan tensors broadcast over heads with stride 0."""
+    N, heads = 100, 2
+    one = kit.make_plan("segments", 1, 1, N, gen)
+    G = 2 * heads
+    plan = BlockPlan(
+        q_offsets=one.q_offsets.expand(G, -1), k_offsets=one.k_offsets.expand(G, -1),
+        kv_count=one.kv_count.expand(G, -1), kv_index=one.kv_index.expand(G, -1, -1), batch=2, heads=heads,
+        q_perm=one.q_perm.expand(G, -1), k_perm=one.k_perm.expand(G, -1),
+    )
+    q, k, v = (torch.randn(2, N, heads, D, generator=gen).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    out = run(kit, backend, q, k, v, plan)
+    assert kit.rel_l2(out, reference_attention(q, k, v, plan)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_mask_form(kit, gen, backend):
+    N = 100
+    mask = torch.rand(B, H, 4, 3, generator=gen) < 0.5
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    dev = kit.DEVICE if backend == "triton" else "cpu"
+    q, k, v, mask = (t.to(dev) for t in (q, k, v, mask))
+    config = None if backend == "triton" else TORCH_TILES
+    out = block_sparse_attention(q, k, v, mask, block_size=(32, 40), backend=backend, config=config)
+    plan = from_block_mask(mask, (32, 40), N)
+    assert torch.equal(out, block_sparse_attention(q, k, v, plan, backend=backend, config=config))
+    assert kit.rel_l2(out, reference_attention(q.cpu(), k.cpu(), v.cpu(), kit.to_device(plan, "cpu"))) < 1e-5
+
+
+def test_auto_backend_on_cpu_is_the_torch_path(kit, gen):
+    N = 96
+    plan = kit.make_plan("segments", B, H, N, gen)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    auto = block_sparse_attention(q, k, v, plan)
+    assert torch.equal(auto, block_sparse_attention(q, k, v, plan, backend="torch"))
+    ref = block_sparse_attention(q, k, v, plan, backend="reference")
+    assert kit.rel_l2(auto, ref) < 1e-5
+
+
+def _bad_calls(kit, gen):
+    N = 64
+    plan = kit.make_plan("blocks", B, H, N, gen)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    mask = torch.ones(B, H, 2, 2, dtype=torch.bool)
+    return {
+        "backend": lambda: block_sparse_attention(q, k, v, plan, backend="cuda"),
+        "q: dtype": lambda: block_sparse_attention(q.to(torch.int32), k, v, plan),
+        "q, k, v: shapes": lambda: block_sparse_attention(q, k[:, :, :32], v, plan),
+        "block_size": lambda: block_sparse_attention(q, k, v, mask),
+        "block_mask shape": lambda: block_sparse_attention(q, k, v, mask, block_size=(16, 16)),
+        "plan: built for": lambda: block_sparse_attention(q[:, :1], k[:, :1], v[:, :1], plan),
+        "plan.kv_index": lambda: block_sparse_attention(q, k, v, replace(plan, kv_index=plan.kv_index.long())),
+        "skip": lambda: block_sparse_attention(q, k, v, plan, skip=torch.zeros(3, dtype=torch.bool)),
+        "out": lambda: block_sparse_attention(q, k, v, plan, out=torch.empty(1)),
+        "head dim 24": lambda: block_sparse_attention(q[..., :24], k[..., :24], v, plan, backend="triton"),
+        "config: the Triton kernel": lambda: block_sparse_attention(q, k, v, plan, backend="triton", config={"BLOCK_M": 24, "BLOCK_N": 32}),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["backend", "q: dtype", "q, k, v: shapes", "block_size", "block_mask shape", "plan: built for",
+             "plan.kv_index", "skip", "out", "head dim 24", "config: the Triton kernel"]
+)
+def test_bad_arguments_raise_clear_errors(kit, gen, name):
+    with pytest.raises(ValueError, match=name.replace("(", r"\(")):
+        _bad_calls(kit, gen)[name]()

@@ -1,0 +1,79 @@
+"""The CLI as a user runs it: a real mp4 and sidecar, one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vdit_sparse", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_generate_writes_a_playable_mp4_and_sidecar(tmp_path):
+    out = tmp_path / "clip.mp4"
+    r = cli("generate", "a red circle", *SMALL, "--out", str(out), "seed=3")
+    assert r.returncode == 0, r.stderr
+    frames = _read_ffmpeg(out)
+    assert frames.shape[0] == 9 and frames.shape[1:3] == (64, 64)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["seed"] == 3 and side["config"]["model"]["steps"] == 2
+    assert side["config"]["prompt"] == "a red circle"
+    assert side["device"] == "cpu" and side["versions"]["diffusers"]
+    assert side["density"] == 1.0 and set(side["density_per_layer"]) == {f"transformer.{i}" for i in range(4)}
+    assert side["wall_s"] > 0 and side["attention_ms"] > 0
+
+
+def _read_ffmpeg(path):
+    import imageio.v2 as imageio
+    import numpy as np
+
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        return np.stack([frame for frame in reader])  # list(reader) asks len(), which is inf
+
+
+def test_generate_gif_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "clip.gif"
+    assert cli("generate", "a blue square", *SMALL, "--out", str(out)).returncode == 0
+    before = out.read_bytes()
+    r = cli("generate", "a blue square", *SMALL, "--out", str(out), "seed=1")
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    assert out.read_bytes() == before
+    r = cli("generate", "a blue square", *SMALL, "--out", str(out), "--overwrite", "seed=1")
+    assert r.returncode == 0 and out.read_bytes() != before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention", "fast"], "attention='fast': unknown; known: dense"),
+    (["--cache", "lru"], "cache='lru': unknown; known: none"),
+    (["--density", "0"], "density=0.0: must be a number in (0, 1]"),
+    (["--density", "1.5"], "density=1.5"),
+    (["--frames", "10"], "frames=10: this model takes 4k + 1 frames"),
+    (["--height", "100"], "height=100: this model takes multiples of 16"),
+    (["--model", "/no/such/model"], "not a diffusers pipeline directory"),
+    (["--out", "clip.avi"], "must end in .mp4 or .gif"),
+    (["attention.sparsity=0.5"], "unknown parameter sparsity"),
+    (["notakeyvalue"], "expected KEY=VALUE"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
+    from vdit_sparse.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", "--steps", "1", *args]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_from_the_installed_command_exits_2(tmp_path):
+    r = cli("generate", "a red circle", "--density", "0", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["vdit-sparse: error: density=0.0: must be a number in (0, 1]"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_generate():
+    r = cli("--help")
+    assert r.returncode == 0 and "generate" in r.stdout

@@ -1,0 +1,215 @@
+"""`vdit-sparse compare` with a fake generator: same seeds, cached dense runs, resume, sweeps, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vdit_sparse import compare
+from vdit_sparse.errors import UserError
+from vdit_sparse.generate import GenerationResult
+from vdit_sparse.quality import psnr
+
+T, SIZE, DENSE_WALL = 8, 32, 2.0
+
+
+def _frames(seed: int) -> np.ndarray:
+    """The 'dense' video of a seed: a square moving over a gradient, float (T, H, W, 3)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    v = np.empty((T, SIZE, SIZE, 3), np.float32)
+    v[..., 0], v[..., 1], v[..., 2] = x * 0.5, y * 0.5, 0.6
+    for t in range(T):
+        v[t, 8:16, 2 + 2 * t + seed % 4 : 10 + 2 * t + seed % 4] = (0.9, 0.2, 0.2)
+    return v
+
+
+class FakeGenerator:
+    """Stands in for the pipeline: sparse runs add noise that grows as density falls."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls = []
+        self.fail_after = fail_after
+
+    def __call__(self, req):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append(req)
+        clean = _frames(req.seed)
+        if req.attention == "dense":
+            density, frames = 1.0, clean
+        else:
+            density = float(req.params.get("density", 0.5))
+            noise = np.random.default_rng(req.seed).normal(0, 0.1 * (1 - density), clean.shape)
+            frames = np.clip(clean + noise, 0, 1).astype(np.float32)
+        stats = [
+            {"step": s, "layer": l, "branch": "cond", "model": "transformer", "method": req.attention,
+             "density": 1.0 if s == 0 else density, "ms": 10.0 * (1.0 if s == 0 else density), "extra": object()}
+            for s in range(3) for l in range(2)
+        ]
+        return GenerationResult(
+            frames=(frames * 255 + 0.5).astype(np.uint8), frames_float=frames,
+            wall_s=DENSE_WALL * (0.25 + 0.75 * density), attention_ms=sum(r["ms"] for r in stats),
+            density=density, stats=stats, config={"seed": req.seed},
+        )
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return tmp_path / "report", tmp_path / "cache"
+
+
+def _run(argv, dirs, gen):
+    report, cache = dirs
+    return compare.main([*argv, "--report", str(report), "--dense-cache", str(cache), "--no-lpips"], generate_fn=gen)
+
+
+def _metrics(dirs):
+    return json.loads((dirs[0] / "metrics.json").read_text())
+
+
+def test_one_prompt_writes_the_contract_with_numbers_from_the_same_seed(dirs):
+    gen = FakeGenerator()
+    assert _run(["a red square", "--attention", "svg2", "--density", "0.2", "--seed", "3"], dirs, gen) == 0
+    dense, fast = gen.calls
+    assert dense.attention == "dense" and dense.params == {} and fast.attention == "svg2"
+    assert dense.seed == fast.seed == 3 and dense.prompt == fast.prompt
+    m = _metrics(dirs)
+    (entry,) = m["prompts"]
+    for e in (m["mean"], entry):
+        assert {"speedup", "psnr", "ssim", "lpips", "density"} <= set(e)
+    expected = psnr(gen(dense).frames, gen(fast).frames)
+    assert entry["psnr"] == pytest.approx(expected, abs=1e-6) and m["mean"]["psnr"] == pytest.approx(expected, abs=1e-6)
+    assert entry["speedup"] == pytest.approx(DENSE_WALL / (DENSE_WALL * (0.25 + 0.75 * 0.2)))
+    assert entry["density"] == pytest.approx(0.2) and entry["lpips"] is None
+    assert 0 < entry["ssim"] < 1 and set(entry["vbench"]) == set(entry["vbench_reference"])
+    html = (dirs[0] / "report.html").read_text()
+    assert html.count("data:video/mp4;base64,") == 1 and "realised density" in html
+    assert (dirs[0] / "report.md").is_file()
+
+
+def test_a_second_comparison_reuses_the_cached_dense_runs(dirs, tmp_path):
+    first, second = FakeGenerator(), FakeGenerator()
+    _run(["a red square", "--attention", "svg2"], dirs, first)
+    _run(["a red square", "--attention", "svg", "--density", "0.3"], (tmp_path / "other", dirs[1]), second)
+    assert [r.attention for r in first.calls] == ["dense", "svg2"]
+    assert [r.attention for r in second.calls] == ["svg"]  # the dense video came from the cache
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
+    argv = ["a red square", "--attention", "svg2", "--sweep", "density=0.1,0.2,0.4"]
+    with pytest.raises(KeyboardInterrupt):
+        _run(argv, dirs, FakeGenerator(fail_after=2))  # dense and density 0.1 finish
+    leftovers = [p.name for p in (dirs[0] / "runs").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no half-written run
+    resumed = FakeGenerator()
+    _run(argv, dirs, resumed)
+    assert [r.params["density"] for r in resumed.calls] == [0.2, 0.4]
+    m = _metrics(dirs)
+    assert len(m["prompts"]) == 3 and [s["setting"] for s in m["sweep"]] == [{"density": d} for d in (0.1, 0.2, 0.4)]
+    psnrs = [s["mean"]["psnr"] for s in m["sweep"]]
+    speedups = [s["mean"]["speedup"] for s in m["sweep"]]
+    assert psnrs == sorted(psnrs) and speedups == sorted(speedups, reverse=True)  # the fake's trade-off
+    assert "Pareto" in (dirs[0] / "report.html").read_text()
+    again = FakeGenerator()
+    _run(argv, dirs, again)
+    assert again.calls == []  # a finished comparison only re-renders its report
+
+
+def test_prompts_file_gives_one_entry_per_prompt_and_their_mean(dirs, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# shapes\na red square\n\na blue circle\n")
+    gen = FakeGenerator()
+    _run(["--prompts", str(f), "--attention", "svg2", "--density", "0.3"], dirs, gen)
+    m = _metrics(dirs)
+    assert [e["prompt"] for e in m["prompts"]] == ["a red square", "a blue circle"]
+    assert m["mean"]["ssim"] == pytest.approx(np.mean([e["ssim"] for e in m["prompts"]]))
+
+
+def test_dense_against_dense_is_identical_and_runs_once(dirs):
+    gen = FakeGenerator()
+    _run(["a red square", "--attention", "dense"], dirs, gen)
+    assert len(gen.calls) == 1
+    m = _metrics(dirs)
+    assert m["prompts"][0]["psnr"] == math.inf and m["prompts"][0]["ssim"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--attention", "svg2"], "exactly one of PROMPT or --prompts"),
+        (["p", "--prompts", "x.txt", "--attention", "svg2"], "got both"),
+        (["--prompts", "/nonexistent/prompts.txt"], "--prompts '/nonexistent/prompts.txt': no such file"),
+        (["p", "--sweep", "density"], "--sweep 'density': expected KEY=V1,V2"),
+        (["p", "--sweep", "density=0.1,"], "expected KEY=V1,V2"),
+        (["p", "--sweep", "colour=1,2"], "unknown key 'colour'; allowed: attention, cache, density"),
+        (["p", "--sweep", "density=0.2,2"], "density=2"),
+        (["p", "--sweep", "density=0.1", "--sweep", "density=0.2"], "swept twice"),
+    ],
+)
+def test_bad_input_is_a_one_line_user_error(dirs, argv, message):
+    gen = FakeGenerator()
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("?", r"\?")) as info:
+        _run(argv, dirs, gen)
+    assert "\n" not in str(info.value) and gen.calls == []
+
+
+def test_a_report_dir_holding_another_comparison_needs_overwrite(dirs):
+    _run(["a red square", "--attention", "svg2"], dirs, FakeGenerator())
+    with pytest.raises(UserError, match="holds a different comparison.*--overwrite"):
+        _run(["a blue circle", "--attention", "svg2"], dirs, FakeGenerator())
+    _run(["a blue circle", "--attention", "svg2", "--overwrite"], dirs, FakeGenerator())
+    assert [e["prompt"] for e in _metrics(dirs)["prompts"]] == ["a blue circle"]
+
+
+def test_a_foreign_non_empty_dir_is_refused(dirs):
+    dirs[0].mkdir()
+    (dirs[0] / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and holds no comparison"):
+        _run(["p", "--attention", "svg2"], dirs, FakeGenerator())
+
+
+def test_overrides_after_flags_reach_the_accelerated_run_only(dirs):
+    gen = FakeGenerator()
+    _run(["a red square", "--attention", "svg2", "attention.top_p=0.8", "model.guidance_scale=3"], dirs, gen)
+    dense, fast = gen.calls
+    assert fast.overrides == ("attention.top_p=0.8", "model.guidance_scale=3")
+    assert dense.overrides == ("model.guidance_scale=3",)  # model settings are shared, attention ones are not
+
+
+def test_with_prompts_a_key_value_positional_is_an_override(dirs, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a red square\n")
+    gen = FakeGenerator()
+    _run(["--prompts", str(f), "attention.num_q_clusters=50", "--attention", "svg2"], dirs, gen)
+    dense, fast = gen.calls
+    assert fast.overrides == ("attention.num_q_clusters=50",) and dense.overrides == ()
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_embedded_model(dirs):
+    """The real pipeline (loaded once, warmed up), a dense reference from the cache on the second run."""
+    argv = ["a red square moving right", "--attention", "svg2", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32"]
+    assert _run(argv, dirs, None) == 0
+    m = _metrics(dirs)
+    (entry,) = m["prompts"]
+    assert entry["speedup"] > 0 and 0 < entry["density"] <= 1 and 10 < entry["psnr"] and 0 < entry["ssim"] <= 1
+    assert len(entry["psnr_per_frame"]) == 5
+    cached = list(dirs[1].iterdir())
+    assert len(cached) == 1 and (cached[0] / "result.json").is_file()
+
+
+def test_prompt_following_is_reported_per_prompt_and_as_pass_rates(dirs, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("vdit_sparse.quality.prompt_following")
+    fake.prompt_following = lambda frames, prompt: {"colour_ok": "red" in prompt, "detected_colour": "red", "flicker": 0.25}
+    monkeypatch.setitem(sys.modules, "vdit_sparse.quality.prompt_following", fake)
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red square\na blue circle\n")
+    _run(["--prompts", str(f), "--attention", "svg2"], dirs, FakeGenerator())
+    m = _metrics(dirs)
+    assert [e["prompt_following"]["colour_ok"] for e in m["prompts"]] == [True, False]
+    assert m["mean"]["prompt_following"] == {"colour_ok": 0.5, "flicker": 0.25}  # labels are not averaged
+    assert "Prompt following" in (dirs[0] / "report.md").read_text()

@@ -1,0 +1,462 @@
+"""``vdit-sparse compare``: accelerated videos against dense ones from the same seeds.
+
+For every prompt (and every setting of a ``--sweep``) it generates the reference video
+(``--against``, dense by default) and the accelerated one with the same seed, measures
+them with :func:`vdit_sparse.quality.compare_videos`, and writes ``DIR/metrics.json``,
+``DIR/report.md`` and ``DIR/report.html``.
+
+Every finished run is stored at once, whole or not at all: reference runs in a cache
+shared between comparisons (keyed by ``GenerateRequest.key()``: model, prompt, seed and
+settings), accelerated runs under ``DIR/runs``. So a second comparison against the same
+dense videos does not regenerate them, and an interrupted comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .generate import GenerateRequest, GenerationResult, add_generation_args, request_from_args
+from .params import Params
+
+HELP = "compare accelerated videos with dense ones from the same seeds; write metrics.json and report.html"
+SWEEP_FIELDS = ("attention", "cache")  # request fields a sweep may vary; all other keys are Params names
+OWN_ENTRIES = ("comparison.json", "metrics.json", "report.md", "report.html", "runs", "pairs")
+STAT_KEYS = ("step", "layer", "branch", "model", "method", "density", "ms")  # what a stored run keeps per call
+MEAN_SCALARS = (
+    "speedup", "psnr", "ssim", "lpips", "density", "attention_speedup", "psnr_float", "ssim_float",
+    "wall_s", "reference_wall_s", "attention_ms", "reference_attention_ms",
+)
+MEAN_DICTS = ("vbench", "vbench_reference", "prompt_following", "prompt_following_reference")
+_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # Hydra KEY=VALUE
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One accelerated run and the reference run it is measured against."""
+
+    prompt: str
+    reference: GenerateRequest
+    accelerated: GenerateRequest
+    setting: tuple  # ((key, value), ...) of the sweep; () without one
+    label: str
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vdit-sparse compare", description=HELP)
+    p.add_argument("prompt", nargs="?", help="one prompt (or give --prompts FILE)")
+    p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (# comments and blank lines skipped)")
+    p.add_argument("--report", metavar="DIR", required=True, help="where metrics.json, report.md and report.html go")
+    p.add_argument("--against", default="dense", help="attention of the reference runs (default: dense)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run every value (repeat for a grid), e.g. density=0.1,0.2,0.4 or attention=svg,svg2")
+    p.add_argument("--dense-cache", metavar="DIR", help="reference-run cache (default: $VDIT_SPARSE_CACHE or ~/.cache/vdit-sparse/runs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report DIR that holds a different comparison")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as null)")
+    p.add_argument("--fps", type=float, help="frame rate of the side-by-side video (default: the model's)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step run before each setting's first run")
+    add_generation_args(p)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Flags, with KEY=VALUE overrides allowed anywhere (argparse leaves late positionals over)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if not _OVERRIDE.match(e)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """PROMPT or the lines of --prompts FILE, exactly one of them."""
+    if args.prompts is not None and args.prompt is not None and _OVERRIDE.match(args.prompt):
+        args.overrides.insert(0, args.prompt)  # with --prompts, a KEY=VALUE positional is an override
+        args.prompt = None
+    if (args.prompt is None) == (args.prompts is None):
+        raise UserError("prompt: give exactly one of PROMPT or --prompts FILE" + (" (got both)" if args.prompt else ""))
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("PROMPT='': must be non-empty text")
+        return [args.prompt]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise UserError(f"--prompts {str(path)!r}: no such file; expected a text file with one prompt per line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts {str(path)!r}: holds no prompt; expected one prompt per line")
+    return prompts
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_sweep(specs: list[str]) -> list[tuple]:
+    """``["density=0.1,0.2", "attention=svg,svg2"]`` -> every combination, as ``((key, value), ...)``.
+
+    Without a sweep there is one empty setting. Keys are request fields in
+    :data:`SWEEP_FIELDS` or canonical parameter names; values are checked here, before any run.
+    """
+    allowed = list(SWEEP_FIELDS) + Params.names()
+    axes: dict[str, list] = {}
+    for spec in specs:
+        key, eq, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        parts = [v.strip() for v in values.split(",")]
+        if not eq or not key or not all(parts):
+            raise UserError(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. density=0.1,0.2,0.4)")
+        if key not in allowed:
+            raise UserError(f"--sweep {spec!r}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+        if key in axes:
+            raise UserError(f"--sweep {spec!r}: key {key!r} is swept twice; give all its values in one --sweep")
+        axes[key] = [_parse_value(v) for v in parts]
+        if key in Params.names():
+            for value in axes[key]:
+                try:
+                    Params().updated(**{key: value})
+                except ValueError as e:
+                    raise UserError(f"--sweep {spec!r}: {e}") from None
+    return [tuple(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
+    """The same prompt, model, sizes and seed as ``base``, with the reference attention and no cache.
+
+    Hydra overrides of the attention or cache groups belong to the accelerated run only.
+    """
+    keep = tuple(o for o in base.overrides if not o.lstrip("+~").startswith(("attention", "cache", "tuned")))
+    return replace(base, attention=against, cache="none", params={}, tuned=None, overrides=keep)
+
+
+def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateRequest:
+    fields = {k: v for k, v in setting if k in SWEEP_FIELDS}
+    params = {**base.params, **{k: v for k, v in setting if k not in SWEEP_FIELDS}}
+    return replace(base, params=params, **fields)
+
+
+def plan_pairs(args: argparse.Namespace) -> list[Pair]:
+    prompts = read_prompts(args)
+    settings = parse_sweep(args.sweep) if args.sweep else [()]
+    pairs = []
+    for prompt in prompts:
+        base = request_from_args(args, prompt)
+        reference = reference_request(base, args.against)
+        for setting in settings:
+            tag = ",".join(f"{k}={v}" for k, v in setting)
+            label = f"{prompt} [{tag}]" if tag else prompt
+            pairs.append(Pair(prompt, reference, accelerated_request(base, setting), setting, label))
+    return pairs
+
+
+# --- stored runs -------------------------------------------------------------------------------------
+
+
+class RunStore:
+    """Finished runs on disk, one directory per ``GenerateRequest.key()``.
+
+    A run is written into a temp directory and renamed into place, so a directory named
+    by a key always holds a whole run. Float frames are kept as float16 (error < 2.5e-4,
+    under a tenth of one uint8 step) to halve the disk a long video takes.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def has(self, key: str) -> bool:
+        return (self.root / key / "result.json").is_file()
+
+    def save(self, key: str, req: GenerateRequest, result) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}."))
+        try:
+            np.save(tmp / "frames.npy", np.asarray(result.frames, dtype=np.uint8))
+            np.save(tmp / "frames_float.npy", np.asarray(result.frames_float).astype(np.float16))
+            meta = {
+                "request": _request_json(req), "wall_s": float(result.wall_s), "attention_ms": float(result.attention_ms),
+                "density": None if result.density is None else float(result.density),
+                "stats": [{k: r[k] for k in STAT_KEYS if k in r} for r in result.stats],
+                "config": result.config,
+            }
+            (tmp / "result.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
+            try:
+                os.rename(tmp, self.root / key)
+            except OSError:  # stored meanwhile by another comparison: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load(self, key: str) -> GenerationResult:
+        """The stored run; frames are memory-mapped, so a report over many runs stays small in RAM."""
+        d = self.root / key
+        meta = json.loads((d / "result.json").read_text(encoding="utf-8"))
+        return GenerationResult(
+            frames=np.load(d / "frames.npy", mmap_mode="r"),
+            frames_float=np.load(d / "frames_float.npy", mmap_mode="r"),
+            wall_s=meta["wall_s"], attention_ms=meta["attention_ms"], density=meta["density"],
+            stats=meta["stats"], config=meta["config"],
+        )
+
+
+def _request_json(req: GenerateRequest) -> dict:
+    return json.loads(json.dumps(req.__dict__, default=str))
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("VDIT_SPARSE_CACHE"):
+        return Path(os.environ["VDIT_SPARSE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vdit-sparse" / "runs"
+
+
+def pipeline_generate_fn(warmup: bool = True):
+    """``generate(req) -> GenerationResult`` that loads each pipeline once and reuses it.
+
+    With ``warmup``, the first run of each attention setting is preceded by an untimed
+    one-step run at the same size, so one-off costs (CUDA init, kernel compilation and
+    autotuning) fall on neither side of the speedup.
+    """
+    from .generate import resolve, run_generation
+    from .loading import load_pipeline, resolve_device, resolve_dtype
+
+    pipes: dict = {}
+    warmed: set = set()
+
+    def generate(req: GenerateRequest):
+        cfg = resolve(req)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        where = (cfg.model.name, str(device), str(dtype))
+        if where not in pipes:
+            pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype)
+        setting = replace(req, prompt="", seed=0, steps=1).key()
+        if warmup and setting not in warmed:
+            run_generation(replace(req, steps=1), pipe=pipes[where], progress=False)
+            warmed.add(setting)
+        return run_generation(req, pipe=pipes[where], cfg=cfg)
+
+    return generate
+
+
+# --- the report directory ----------------------------------------------------------------------------
+
+
+def identity(pairs: list[Pair], against: str) -> dict:
+    """What makes two comparisons the same: the runs they pair, in order."""
+    return {
+        "against": against,
+        "pairs": [
+            {"prompt": p.prompt, "reference": p.reference.key(), "accelerated": p.accelerated.key(),
+             "setting": [[k, v] for k, v in p.setting]}
+            for p in pairs
+        ],
+    }
+
+
+def claim_report_dir(report: Path, ident: dict, overwrite: bool) -> None:
+    """Make ``report`` hold this comparison: new, resumed, or (with ``overwrite``) replaced."""
+    from .quality.atomicfile import atomic_write_json
+
+    marker = report / "comparison.json"
+    if report.exists() and not report.is_dir():
+        raise UserError(f"--report {str(report)!r}: is a file; expected a directory (new, or one this comparison wrote)")
+    if marker.is_file():
+        same = json.loads(marker.read_text(encoding="utf-8")) == json.loads(json.dumps(ident))
+        if same:
+            return  # resume: every stored run and measurement is reused
+        if not overwrite:
+            raise UserError(
+                f"--report {str(report)!r}: holds a different comparison (other prompts, seeds or settings); "
+                "pass --overwrite to replace it, or choose another directory"
+            )
+    elif report.is_dir() and any(report.iterdir()) and not overwrite:
+        raise UserError(
+            f"--report {str(report)!r}: is not empty and holds no comparison; "
+            "choose a new or empty directory, or pass --overwrite"
+        )
+    for name in OWN_ENTRIES:  # only what a comparison writes, never other files
+        path = report / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    atomic_write_json(marker, ident)
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+
+def _ratio(num, den):
+    return float(num) / float(den) if num is not None and den else None
+
+
+def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: bool) -> dict:
+    """One metrics.json entry: the contract's headline keys first, then everything else."""
+    from .quality import compare_videos
+
+    q = compare_videos(
+        ref.frames, acc.frames, a_float=ref.frames_float, b_float=acc.frames_float, prompt=pair.prompt, lpips=lpips
+    )
+    entry = {
+        "prompt": pair.prompt, "label": pair.label, "setting": dict(pair.setting), "seed": pair.accelerated.seed,
+        "speedup": _ratio(ref.wall_s, acc.wall_s), "psnr": q.pop("psnr"), "ssim": q.pop("ssim"), "lpips": q.pop("lpips"),
+        "density": acc.density,
+        "attention_speedup": _ratio(ref.attention_ms, acc.attention_ms),
+        "wall_s": acc.wall_s, "reference_wall_s": ref.wall_s, "device": (acc.config or {}).get("device"),
+        "attention_ms": acc.attention_ms, "reference_attention_ms": ref.attention_ms,
+    }
+    entry.update(q)
+    entry.update({"run": pair.accelerated.key(), "reference_run": pair.reference.key()})
+    return entry
+
+
+def _mean(values: list):
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present and len(present) == len(values) else None
+
+
+def _is_score(v) -> bool:
+    """A value worth averaging: a float, or a bool (its mean is a pass rate); not labels or counts."""
+    return isinstance(v, (bool, float))
+
+
+def mean_entry(entries: list[dict]) -> dict:
+    """Mean over entries of every scalar (None if any entry lacks it) and of every dict value.
+
+    Dict values (VBench-style, prompt following) average the entries that have a score
+    there, ignoring None; a bool averages to the share of True; strings and integer
+    labels (a detected colour, a detected count) are not averaged.
+    """
+    out = {key: _mean([e.get(key) for e in entries]) for key in MEAN_SCALARS}
+    for key in MEAN_DICTS:
+        dicts = [e[key] for e in entries if e.get(key)]
+        names = dict.fromkeys(n for d in dicts for n in d if _is_score(d[n]))
+        if names:
+            out[key] = {n: _mean([float(d[n]) for d in dicts if _is_score(d.get(n))]) for n in names}
+    reasons = sorted({e["lpips_unavailable"] for e in entries if e.get("lpips_unavailable")})
+    out["lpips_unavailable"] = "; ".join(reasons) or None
+    return out
+
+
+def summarize(pairs: list[Pair], entries: list[dict], swept: bool) -> dict:
+    """metrics.json: {"mean", "prompts"} (DESIGN.md), and per setting means with a sweep."""
+    metrics = {"mean": mean_entry(entries), "prompts": entries}
+    if swept:
+        groups: dict = {}
+        for pair, entry in zip(pairs, entries):
+            groups.setdefault(pair.setting, []).append(entry)
+        metrics["sweep"] = [
+            {"setting": dict(s), "label": ",".join(f"{k}={v}" for k, v in s), "mean": mean_entry(group)}
+            for s, group in groups.items()
+        ]
+    return metrics
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", disable=total == 0)
+
+
+def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn) -> None:
+    """Generate every run not stored yet (references first), storing each as it finishes."""
+    todo: dict[str, tuple[RunStore, GenerateRequest]] = {}
+    for p in pairs:
+        todo.setdefault(p.reference.key(), (cache, p.reference))
+    for p in pairs:
+        key = p.accelerated.key()
+        if key not in todo and not cache.has(key):
+            todo[key] = (runs, p.accelerated)
+    todo = {k: v for k, v in todo.items() if not v[0].has(k)}
+    with _progress(len(todo), "runs") as bar:
+        for key, (store, req) in todo.items():
+            bar.set_postfix_str(f"{req.attention} {req.prompt[:30]}")
+            store.save(key, req, generate_fn(req))
+            bar.update()
+
+
+def _load(key: str, cache: RunStore, runs: RunStore) -> GenerationResult:
+    return cache.load(key) if cache.has(key) else runs.load(key)
+
+
+def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore, lpips: bool) -> list[dict]:
+    """Every pair's entry, measured once and kept under DIR/pairs for a resumed comparison."""
+    from .quality.atomicfile import atomic_write_json
+
+    entries = []
+    with _progress(len(pairs), "measuring") as bar:
+        for p in pairs:
+            path = report / "pairs" / f"{p.reference.key()}-{p.accelerated.key()}-{'lpips' if lpips else 'nolpips'}.json"
+            if path.is_file():
+                entry = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                ref, acc = _load(p.reference.key(), cache, runs), _load(p.accelerated.key(), cache, runs)
+                entry = measure(p, ref, acc, lpips)
+                atomic_write_json(path, entry)
+            entries.append(entry)
+            bar.update()
+    return entries
+
+
+def main(argv: list[str], generate_fn=None) -> int:
+    """Run ``vdit-sparse compare``; ``generate_fn(req) -> GenerationResult`` replaces the pipeline (tests)."""
+    from .quality.report import ReportEntry, write_report
+
+    args = parse_args(argv)
+    pairs = plan_pairs(args)
+    report = Path(args.report)
+    claim_report_dir(report, identity(pairs, args.against), args.overwrite)
+    cache = RunStore(args.dense_cache or default_cache_dir())
+    runs = RunStore(report / "runs")
+    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(warmup=not args.no_warmup))
+    entries = measure_all(pairs, report, cache, runs, lpips=not args.no_lpips)
+    metrics = summarize(pairs, entries, swept=bool(args.sweep))
+    shown = []
+    for p, e in zip(pairs, entries):
+        ref, acc = _load(p.reference.key(), cache, runs), _load(p.accelerated.key(), cache, runs)
+        fps = args.fps or _model_fps(acc.config)
+        shown.append(ReportEntry(e, ref.frames, acc.frames, acc.stats, fps=fps))
+    methods = ", ".join(dict.fromkeys(p.accelerated.attention for p in pairs))
+    title = f"vdit-sparse: {methods} against {args.against}"
+    paths = write_report(report, metrics, shown, title=title)
+    m = metrics["mean"]
+    print(
+        f"mean over {len(entries)} run(s): speedup {_fmt(m['speedup'])}x, PSNR {_fmt(m['psnr'])} dB, "
+        f"SSIM {_fmt(m['ssim'])}, LPIPS {_fmt(m['lpips'])}, density {_fmt(m['density'])}\nreport: {paths['html']}"
+    )
+    return 0
+
+
+def _model_fps(config: dict) -> float:
+    try:
+        return float(config["model"]["fps"])
+    except (KeyError, TypeError, ValueError):
+        return 8.0  # a fake or older run without it
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
