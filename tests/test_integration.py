@@ -150,3 +150,31 @@ def test_tuned_table_overrides_one_layer(tiny_pipe, diagonal_method):
     finally:
         acc.remove()
     assert methods == {0: "dense", 1: "dense", 2: "diagonal", 3: "dense"}
+
+
+def test_compiled_and_eager_accelerated_pipelines_agree_without_recompiling_per_step(tiny_pipe, diagonal_method):
+    from torch._dynamo.utils import counters
+
+    acc = vs.accelerate(tiny_pipe, attention="diagonal", warmup_steps=1)
+    try:
+        eager = run_tiny(tiny_pipe, steps=4)
+    finally:
+        acc.remove()
+    torch._dynamo.reset()
+    counters.clear()
+    acc = vs.accelerate(tiny_pipe, attention="diagonal", warmup_steps=1, compile="aot_eager")
+    try:
+        compiled = run_tiny(tiny_pipe, steps=4)
+        methods = {r["method"] for r in acc.stats()}
+    finally:
+        acc.remove()
+    assert np.abs(compiled - eager).max() <= 1e-4
+    assert methods == {"dense", "diagonal"}
+    # 4 steps × 2 branches: the frames compile once each, not once per step
+    assert counters["stats"]["unique_graphs"] <= 12, dict(counters["stats"])
+    assert tiny_pipe.transformer._compiled_call_impl is None
+    assert np.array_equal(run_tiny(tiny_pipe, steps=4), _plain(tiny_pipe))
+
+
+def _plain(pipe):
+    return run_tiny(pipe, steps=4)

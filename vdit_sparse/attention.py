@@ -56,7 +56,7 @@ def run_method(q, k, v, ctx: AttentionContext, method: str, params: Params, dens
     With ``cache="tileskip"`` the plan (all blocks for dense) runs minus the tiles marked negligible
     at earlier calls of this (branch, layer), and the marks are updated (vdit_sparse.tileskip).
     """
-    from .kernels import block_sparse_attention
+    from .kernels.ops import run_plan
 
     plan, info = get_method(method).plan(q, k, ctx, params, v=v)
     if cache == "tileskip":
@@ -69,8 +69,8 @@ def run_method(q, k, v, ctx: AttentionContext, method: str, params: Params, dens
         info["stats"] = {**info.get("stats", {}), **stats}
     elif plan is None:
         out = dense_fn(q, k, v) if dense_fn is not None else dense_attention(q, k, v)
-    else:
-        out = block_sparse_attention(q, k, v, plan)
+    else:  # through the custom op, so torch.compile sees one opaque call with the plan as inputs
+        out = run_plan(q, k, v, plan, 1.0 / math.sqrt(q.shape[-1]))
     info["density"] = plan.density() if plan is not None else torch.ones(q.shape[0], q.shape[1])
     info["plan"] = plan
     return out, info

@@ -36,6 +36,7 @@ class GenerateRequest:
     device: str | None = None
     dtype: str | None = None
     tuned: str | None = None
+    compile: bool | str = False
     overrides: tuple = ()  # extra Hydra KEY=VALUE overrides
 
     def hydra_overrides(self) -> list[str]:
@@ -44,6 +45,8 @@ class GenerateRequest:
         for key in ("steps", "frames", "height", "width"):
             if getattr(self, key) is not None:
                 out.append(f"model.{key}={getattr(self, key)}")
+        if self.compile:
+            out.append(f"compile={str(self.compile).lower() if self.compile is True else self.compile}")
         for key in ("device", "dtype", "tuned"):
             if getattr(self, key) is not None:
                 out.append(f"{key}={getattr(self, key)}")
@@ -144,7 +147,9 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     check_video_size(pipe, m.frames, m.height, m.width)
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
     try:
-        handle = accelerate(pipe, attention=cfg.attention.name, cache=cfg.cache.name, tuned=cfg.tuned, **params)
+        handle = accelerate(
+            pipe, attention=cfg.attention.name, cache=cfg.cache.name, tuned=cfg.tuned, compile=cfg.compile, **params
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
@@ -226,6 +231,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--tuned", help="per-layer table: a name in configs/tuned/ or a YAML path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer around our attention")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. attention.top_p=0.95")
 
 
@@ -245,7 +251,8 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
     return GenerateRequest(
         prompt=prompt, model=args.model, attention=args.attention, cache=args.cache, params=params,
         steps=args.steps, frames=args.frames, height=args.height, width=args.width, seed=args.seed,
-        device=args.device, dtype=args.dtype, tuned=args.tuned, overrides=tuple(args.overrides),
+        device=args.device, dtype=args.dtype, tuned=args.tuned, compile=bool(getattr(args, "compile", False)),
+        overrides=tuple(args.overrides),
     )
 
 

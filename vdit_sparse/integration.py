@@ -57,6 +57,13 @@ class _StepHook(ModelHook):
         self._no_context_state = _BranchState()
 
     def pre_forward(self, module, *args, **kwargs):
+        self._announce(module, args, kwargs)
+        return args, kwargs
+
+    # Under torch.compile this bookkeeping stays in Python: tracing it would specialise the graph
+    # on the step number and recompile at every step.
+    @torch.compiler.disable
+    def _announce(self, module, args, kwargs) -> None:
         try:
             context = self.state_manager.context
         except ValueError:  # called outside a pipeline's cache_context
@@ -71,7 +78,6 @@ class _StepHook(ModelHook):
         layout = self.adapter.layout(module, args, kwargs)
         self.handle._current = CallInfo(self.model, branch, int(step), num_steps, layout)
         state.calls += 1
-        return args, kwargs
 
     def post_forward(self, module, output):
         self.handle._current = None
@@ -112,6 +118,10 @@ class AccelerateHandle:
         registry.invalidate_child_registries_cache()
         self._models.append(transformer)
 
+    def _compile(self, backend: str) -> None:
+        for model in self._models:
+            model.compile(backend=backend)
+
     def remove(self) -> None:
         """Restore the original processors and hooks: the pipeline is dense again, bit for bit."""
         if self.removed:
@@ -119,6 +129,7 @@ class AccelerateHandle:
         for module, original in self._originals:
             module.set_processor(original)
         for model in self._models:
+            model._compiled_call_impl = None  # undo nn.Module.compile
             registry = HookRegistry.check_if_exists_or_initialize(model)
             registry.remove_hook(HOOK_NAME, recurse=False)
             registry.invalidate_child_registries_cache()
@@ -138,6 +149,9 @@ class AccelerateHandle:
 
     # --- the hot path -----------------------------------------------------------------------------
     def _make_attend(self, model: str):
+        # One graph break per self-attention call under torch.compile, named here: the policy and the
+        # method's planning are per-step Python and data-dependent; everything around it compiles.
+        @torch.compiler.disable
         def attend(layer, q, k, v, dense_fn):  # all (B, N, H, D), the diffusers layout
             return self._attend(model, layer, q, k, v, dense_fn)
 
@@ -185,12 +199,16 @@ def _transformers(pipe) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def accelerate(pipe, attention: str = "dense", cache: str = "none", tuned=None, **overrides) -> AccelerateHandle:
+def accelerate(
+    pipe, attention: str = "dense", cache: str = "none", tuned=None, compile: bool | str = False, **overrides
+) -> AccelerateHandle:
     """Swap the self-attention of ``pipe``'s transformer(s) for vdit-sparse's; returns the handle.
 
     ``attention``: a method name (dense, svg, svg2); ``cache``: none; ``tuned``: a per-layer table
     (a dict ``{layer: {param: value}}``, or the name/path of a tuned YAML); ``overrides``: canonical
-    parameters (density, top_p, warmup_steps, dense_layers, ...).
+    parameters (density, top_p, warmup_steps, dense_layers, ...). ``compile``: True (inductor) or a
+    torch.compile backend name: the transformers are compiled in place, with one graph break per
+    self-attention call; ``remove()`` undoes it.
     """
     if attention not in METHODS:
         raise ValueError(f"attention={attention!r}: unknown method; known methods are {', '.join(sorted(METHODS))}")
@@ -202,6 +220,8 @@ def accelerate(pipe, attention: str = "dense", cache: str = "none", tuned=None, 
     try:
         for name, transformer in _transformers(pipe):
             handle._install(name, transformer)
+        if compile:
+            handle._compile("inductor" if compile is True else compile)
     except Exception:
         handle.remove()
         raise
