@@ -1,6 +1,6 @@
 """Block-sparse flash attention over a BlockPlan: one fused Triton launch.
 
-Reads top to bottom like Triton's fused-attention tutorial: the inner loop over one key segment,
+Reads top to bottom like Triton's fused-attention tutorial: the inner loop over a tile's key list,
 the kernel, the host-side work list and launch configs, then the wrapper that checks arguments and
 dispatches (CUDA -> Triton; CPU -> the vectorised torch path in ``cpu_path.py``; the plain
 reference in ``reference.py`` on request). Design notes and the reasons behind them: ``NOTES.md``.
@@ -25,7 +25,6 @@ try:  # Triton is a Linux-only dependency: elsewhere the torch paths still impor
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only on machines without triton
-    triton = None
 
     class tl:  # noqa: N801 - stands in for triton.language so the decorated code below still defines
         constexpr = None
@@ -37,8 +36,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
     triton = _NoTriton
 
-LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # the kernel works in log2 units; statistics leave it in ln units (x ln 2)
 
 
 @triton.jit
@@ -295,7 +293,8 @@ def block_sparse_attention(
     if out is None:
         out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     elif out.shape != q.shape[:3] + v.shape[3:] or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out: expected {q.dtype} {tuple(q.shape[:3] + v.shape[3:])} on {q.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        want = tuple(q.shape[:3] + v.shape[3:])
+        raise ValueError(f"out: expected {q.dtype} {want} on {q.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     if backend == "triton":
         return _triton_forward(q, k, v, plan, scale, skip, tile_stats, reverse, out, config)
@@ -350,9 +349,11 @@ def _check_plan(plan: BlockPlan, q, skip) -> None:
         if t is not None and tuple(t.shape) != (G, N):
             raise ValueError(f"plan.{name}: expected shape ({G}, {N}) for N={N}, got {tuple(t.shape)}")
     if plan.q_offsets.shape[1] != Sq + 1 or plan.kv_index.shape[:2] != (G, Sq):
-        raise ValueError(f"plan: q_offsets {tuple(plan.q_offsets.shape)}, kv_count {tuple(plan.kv_count.shape)} and kv_index {tuple(plan.kv_index.shape)} disagree on segments")
+        shapes = f"q_offsets {tuple(plan.q_offsets.shape)}, kv_count {(G, Sq)}, kv_index {tuple(plan.kv_index.shape)}"
+        raise ValueError(f"plan: {shapes} disagree on the number of query segments")
     if skip is not None and (skip.dtype != torch.bool or skip.shape != plan.kv_index.shape or skip.device != q.device):
-        raise ValueError(f"skip: expected bool {tuple(plan.kv_index.shape)} on {q.device} (like plan.kv_index), got {skip.dtype} {tuple(skip.shape)} on {skip.device}")
+        want = tuple(plan.kv_index.shape)
+        raise ValueError(f"skip: expected bool {want} on {q.device} (like plan.kv_index), got {skip.dtype} {tuple(skip.shape)} on {skip.device}")
 
 
 def _check_config(config, backend: str) -> None:

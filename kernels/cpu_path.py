@@ -3,7 +3,7 @@
 The same algorithm as the Triton kernel, batched over query tiles instead of launched per tile:
 query segments are cut into tiles of ``block_m`` rows (the kernel's work list), each tile's listed
 key segments into key tiles of ``block_n`` positions, and step ``j`` of the loop runs the j-th key
-tile of every tile that still has one (one batched matmul). Tiles are sorted by their number of key
+tile of every tile that still has one (one gather, two batched matmuls). Tiles are sorted by their number of key
 tiles, so the tiles active at step j are a prefix: cost follows the computed tiles, i.e. the density.
 Query tiles are processed in chunks, so memory stays bounded whatever N is; nothing is N x N.
 """
@@ -29,8 +29,7 @@ def block_sparse_attention_torch(
     Dv, G = v.shape[3], plan.groups
     Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
     qg = q.reshape(G, N, D).float()  # (G, N, D) model order; float32 math like the kernel's accumulators
-    kg = k.reshape(G, N, D).float()
-    vg = v.reshape(G, N, Dv).float()
+    kvg = torch.cat([k.reshape(G, N, D), v.reshape(G, N, Dv)], 2).float()  # (G, N, D + Dv): one gather per step
     tile_g, tile_s, tile_lo, tile_hi = (t.long() for t in query_tiles(plan.q_offsets, block_m))
     keys = _key_tiles(plan, skip, reverse, block_n)
     tile_row = tile_g * Sq + tile_s  # (T,) which (g, query segment) each tile belongs to
@@ -38,11 +37,11 @@ def block_sparse_attention_torch(
     order = torch.argsort(width, descending=True, stable=True)  # active tiles at step j form a prefix
     result = torch.empty(G * N, Dv, dtype=torch.float32, device=q.device)  # (G·N, Dv) model order
     stats = torch.full((G * Sq, L), float("-inf"), device=q.device) if tile_stats else None
-    chunk = max(1, MAX_CHUNK_ELEMENTS // (block_m * max(block_n, D, Dv)))
+    chunk = max(1, MAX_CHUNK_ELEMENTS // (block_m * max(block_n, D + Dv)))
     for c0 in range(0, order.numel(), chunk):
         idx = order[c0 : c0 + chunk]
         tiles = (tile_g[idx], tile_lo[idx], tile_hi[idx], tile_row[idx], width[idx])
-        _run_chunk(qg, kg, vg, plan, scale, tiles, keys, block_m, block_n, result, stats)
+        _run_chunk(qg, kvg, plan, scale, tiles, keys, block_m, block_n, result, stats)
     if out is None:
         out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     out.copy_(result.view(B, H, N, Dv))
@@ -93,39 +92,40 @@ def _gather_rows(x, g, pos, perm):
     return x[g[:, None], rows], rows
 
 
-def _run_chunk(qg, kg, vg, plan, scale, tiles, keys, block_m, block_n, result, stats):
+def _run_chunk(qg, kvg, plan, scale, tiles, keys, block_m, block_n, result, stats):
     """Attention of one chunk of query tiles (sorted by key-tile count, descending) into ``result``."""
     g, lo, hi, row, width = tiles
-    N, dev = qg.shape[1], qg.device
+    N, D, dev = qg.shape[1], qg.shape[2], qg.device
     pos = lo[:, None] + torch.arange(block_m, device=dev)  # (C, BM) plan positions
     row_ok = pos < hi[:, None]
     qt, q_rows = _gather_rows(qg, g, pos.clamp_max(N - 1), plan.q_perm)  # (C, BM, D)
+    qt.mul_(scale)  # fold the scale into q once instead of into every score tile
     C = g.numel()
     m = torch.full((C, block_m), float("-inf"), device=dev)  # running row max
     denom = torch.zeros(C, block_m, device=dev)
-    acc = torch.zeros(C, block_m, vg.shape[2], device=dev)  # (C, BM, Dv)
-    seg_max = torch.full((C, block_m), float("-inf"), device=dev)
+    acc = torch.zeros(C, block_m, kvg.shape[2] - D, device=dev)  # (C, BM, Dv)
+    seg_max = torch.full((C, block_m), float("-inf"), device=dev) if stats is not None else None
     steps = int(width[0]) if C else 0
     active_at = (width[None, :] > torch.arange(steps, device=dev)[:, None]).sum(1).tolist()  # prefix sizes
     for j, n in enumerate(active_at):
         kt_id = keys["row_first"][row[:n]] + j  # (n,) this step's key tile of each active query tile
         kpos = keys["lo"][kt_id][:, None] + torch.arange(block_n, device=dev)  # (n, BN)
         col_ok = kpos < keys["hi"][kt_id][:, None]
-        kt, k_rows = _gather_rows(kg, g[:n], kpos.clamp_max(N - 1), plan.k_perm)  # (n, BN, D)
-        vt = vg[g[:n, None], k_rows]  # (n, BN, Dv)
-        scores = torch.bmm(qt[:n], kt.transpose(1, 2)).mul_(scale)  # (n, BM, BN)
-        scores.masked_fill_(~col_ok[:, None, :], float("-inf"))
+        kv, _ = _gather_rows(kvg, g[:n], kpos.clamp_max(N - 1), plan.k_perm)  # (n, BN, D + Dv): one gather for both
+        scores = torch.bmm(qt[:n], kv[..., :D].transpose(1, 2))  # (n, BM, BN)
+        if not bool(col_ok.all()):
+            scores.masked_fill_(~col_ok[:, None, :], float("-inf"))
         tile_max = scores.amax(2)  # (n, BM)
-        first = keys["first"][kt_id][:, None]
-        seg_max[:n] = torch.where(first, tile_max, torch.maximum(seg_max[:n], tile_max))
         m_new = torch.maximum(m[:n], tile_max)
         m_ref = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: avoid inf - inf
         alpha = torch.exp(m[:n] - m_ref)
-        p = torch.exp(scores - m_ref[..., None])
-        denom[:n] = denom[:n] * alpha + p.sum(2)
-        acc[:n] = torch.baddbmm(acc[:n] * alpha[..., None], p, vt)
+        p = scores.sub_(m_ref[..., None]).exp_()  # in place: the scores are not needed again
+        denom[:n].mul_(alpha).add_(p.sum(2))
+        acc[:n].mul_(alpha[..., None]).add_(torch.bmm(p, kv[..., D:]))
         m[:n] = m_new
         if stats is not None:
+            first = keys["first"][kt_id][:, None]
+            seg_max[:n] = torch.where(first, tile_max, torch.maximum(seg_max[:n], tile_max))
             _record_stats(stats, seg_max[:n], m_new, row_ok[:n], row[:n], keys["entry"][kt_id], keys["last"][kt_id])
     o = acc / torch.where(denom > 0, denom, 1.0)[..., None]  # rows with no key give zeros
     flat_rows = g[:, None] * N + q_rows  # (C, BM) rows of result

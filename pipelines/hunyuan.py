@@ -37,7 +37,8 @@ def _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
     if not single_stream and text:  # double-stream blocks: text has its own projections
-        tq, tk, tv = (_heads(p(encoder_hidden_states), attn.heads) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        tq, tk, tv = (_heads(p(encoder_hidden_states), attn.heads) for p in projections)
         if attn.norm_added_q is not None:
             tq = attn.norm_added_q(tq)
         if attn.norm_added_k is not None:

@@ -3,6 +3,7 @@
     python scripts/train_tiny.py --stage vae --minutes 4 --ckpt-dir ckpt     # resumes if ckpt/vae.json exists
     python scripts/train_tiny.py --stage dit --minutes 9 --ckpt-dir ckpt     # call again to go on
     python scripts/train_tiny.py --stage export --ckpt-dir ckpt --out vdit_sparse/data/tiny
+    python scripts/train_tiny.py --stage eval --ckpt-dir ckpt --out vdit_sparse/data/tiny   # prompt following
     python scripts/train_tiny.py --smoke --stage vae --steps 2 --ckpt-dir /tmp/c   # micro scale, CPU
 
 Every stage builds the real diffusers / transformers classes (AutoencoderKLWan,
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from vdit_sparse import shapes_world
 from vdit_sparse.pipelines.tiny import MAX_TEXT_TOKENS, TEXT_DIM, TEXT_ENCODER_CONFIG, build_tokenizer
 
-STAGES = ("vae", "dit", "export")
+STAGES = ("vae", "dit", "export", "eval")
 STAGE_IDS = {"vae": 1, "dit": 2, "stats": 3}
 PART_BYTES = 15 * 2**20
 MAX_EXPORT_MB = 40
@@ -304,12 +305,12 @@ def train_vae(args, recipe: Recipe, device, autocast) -> dict:
         optimizer.step()
         step += 1
         clock.tick(time.monotonic() - t0)
-        _log(args, "vae", step, rec=rec.item())
+        _log(args, "vae", step, rec=rec.item(), s_per_step=time.monotonic() - t0)
         if time.monotonic() - last_save > recipe.save_every_min * 60:
             _save_vae(args, recipe, vae, optimizer, step)
             last_save = time.monotonic()
     _save_vae(args, recipe, vae, optimizer, step)
-    return dict(stage="vae", step=step, steps_this_call=clock.steps)
+    return dict(stage="vae", step=step, steps_this_call=clock.steps, seconds=round(time.monotonic() - clock.start, 1))
 
 
 def _save_vae(args, recipe, vae, optimizer, step):
@@ -365,12 +366,12 @@ def train_dit(args, recipe: Recipe, device, autocast) -> dict:
         ema_update(ema, transformer, min(recipe.ema_decay, (1 + step) / (10 + step)))
         step += 1
         clock.tick(time.monotonic() - t0)
-        _log(args, "dit", step, loss=loss.item())
+        _log(args, "dit", step, loss=loss.item(), s_per_step=time.monotonic() - t0)
         if time.monotonic() - last_save > recipe.save_every_min * 60:
             _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step)
             last_save = time.monotonic()
     _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step)
-    return dict(stage="dit", step=step, steps_this_call=clock.steps)
+    return dict(stage="dit", step=step, steps_this_call=clock.steps, seconds=round(time.monotonic() - clock.start, 1))
 
 
 def _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step):
@@ -404,6 +405,37 @@ def export(args, recipe: Recipe) -> dict:
     return dict(stage="export", out=str(args.out), size_mb=round(size_mb, 2), **provenance)
 
 
+@torch.no_grad()
+def evaluate(args, recipe: Recipe, device) -> dict:
+    """Prompt following of the exported pipeline on ``--eval-clips`` held-out and training prompts.
+
+    Writes ``<out>/eval.json``: per split the rates of prompt_following_accuracy, plus the settings.
+    """
+    from diffusers import WanPipeline
+
+    from vdit_sparse.quality.prompt_following import prompt_following_accuracy
+
+    if not (args.out / "model_index.json").exists():
+        raise SystemExit(f"--out {args.out}: no model_index.json there; run --stage export first")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = WanPipeline.from_pretrained(args.out, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    report = dict(steps=args.eval_steps, guidance_scale=args.guidance_scale, seed=args.seed)
+    for split in ("heldout", "train"):
+        prompts = [c.caption() for c in shapes_world.combos(split)]
+        samples = []
+        for i in range(args.eval_clips):
+            prompt = prompts[i % len(prompts)]
+            frames = pipe(prompt, num_frames=recipe.frames, height=recipe.height, width=recipe.width,
+                          num_inference_steps=args.eval_steps, guidance_scale=args.guidance_scale,
+                          max_sequence_length=MAX_TEXT_TOKENS, output_type="np",
+                          generator=torch.Generator(device).manual_seed(args.seed + i)).frames[0]  # (T, H, W, 3)
+            samples.append(((frames * 255).round().clip(0, 255).astype("uint8"), prompt))
+        report[split] = prompt_following_accuracy(samples)
+    (args.out / "eval.json").write_text(json.dumps(report, indent=1))
+    return dict(stage="eval", **report)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -426,6 +458,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (CUDA)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-clips", type=int, default=36, help="eval: clips per split (held-out, train)")
+    p.add_argument("--eval-steps", type=int, default=20, help="eval: denoising steps per clip")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="eval: classifier-free guidance scale")
     args = p.parse_args(argv)
     if args.minutes <= 0:
         p.error(f"--minutes {args.minutes}: must be > 0")
@@ -436,18 +471,31 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.smoke:  # micro tensors gain nothing from threads, and a busy CPU makes them thrash
+        torch.set_num_threads(1)
+    try:
+        result = run_stage(args)
+    finally:
+        torch.set_num_threads(threads)
+    print(json.dumps(result, default=str), flush=True)
+    return result
+
+
+def run_stage(args) -> dict:
     recipe = SMOKE if args.smoke else DEFAULT
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.stage == "export":
         result = export(args, recipe)
+    elif args.stage == "eval":
+        result = evaluate(args, recipe, device)
     else:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
         train = train_vae if args.stage == "vae" else train_dit
         result = train(args, recipe, device, autocast)
-    print(json.dumps(result, default=str), flush=True)
     return result
 
 

@@ -77,3 +77,13 @@ def test_bad_input_from_the_installed_command_exits_2(tmp_path):
 def test_help_lists_generate():
     r = cli("--help")
     assert r.returncode == 0 and "generate" in r.stdout
+
+
+def test_compare_takes_leading_options(tmp_path, monkeypatch, capsys):
+    from vdit_sparse.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["compare", "--prompts", "missing.txt", "--attention", "svg", "--report", "r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing.txt" in err[0]
+    assert not (tmp_path / "r").exists()

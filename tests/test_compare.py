@@ -189,7 +189,7 @@ def test_with_prompts_a_key_value_positional_is_an_override(dirs, tmp_path):
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_model(dirs):
     """The real pipeline (loaded once, warmed up), a dense reference from the cache on the second run."""
-    argv = ["a red square moving right", "--attention", "svg2", "--steps", "2", "--frames", "5", "--height", "32", "--width", "32"]
+    argv = ["a red square moving right", "--attention", "svg2", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32"]
     assert _run(argv, dirs, None) == 0
     m = _metrics(dirs)
     (entry,) = m["prompts"]

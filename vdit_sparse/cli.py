@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
     parser = build_parser()
+    if argv and argv[0] in _EXTRA_COMMANDS and _optional(_EXTRA_COMMANDS[argv[0]]) is not None:
+        # these commands parse their own flags (argparse would not hand a leading option through)
+        mod = _optional(_EXTRA_COMMANDS[argv[0]])
+        return _guarded(lambda: mod.main(argv[1:]))
     # KEY=VALUE overrides may follow flags; argparse leaves those over, so collect them here
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides"):
@@ -83,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _guarded(lambda: args.run(args))
+
+
+def _guarded(run) -> int:
+    """Run a command; bad input becomes one line on stderr and exit code 2."""
     try:
-        return args.run(args) or 0
+        return run() or 0
     except (UserError, ValueError) as e:
         if os.environ.get("VDIT_SPARSE_DEBUG"):
             raise

@@ -19,6 +19,7 @@ saturation (see ``vdit_sparse.quality.prompt_following``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -165,19 +166,34 @@ def render(spec: ClipSpec, frames: int, height: int, width: int, device="cpu") -
     Each shape is drawn from a signed distance d (negative inside) with a one-pixel soft edge:
     alpha = clamp(0.5 - d, 0, 1); the mask is alpha > 0.5.
     """
-    y = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1) + 0.5
-    x = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, width) + 0.5
-    t = torch.arange(frames, device=device, dtype=torch.float32).view(frames, 1, 1)
-    video = _background(spec, height, width, device).expand(frames, height, width, 3).clone()
-    rgb = torch.tensor(spec.rgb, device=device, dtype=torch.float32)
-    masks = []
-    for sx, sy in spec.starts:
-        dx = x - (sx + spec.velocity[0] * t)  # (T, 1, W)
-        dy = y - (sy + spec.velocity[1] * t)  # (T, H, 1)
-        alpha = (0.5 - _signed_distance(spec.combo.shape, dx, dy, spec.radius)).clamp(0, 1)  # (T, H, W)
-        video = video * (1 - alpha[..., None]) + rgb * alpha[..., None]
-        masks.append(alpha > 0.5)
-    return video, torch.stack(masks)
+    with _one_thread_on_cpu(device):
+        y = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1) + 0.5
+        x = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, width) + 0.5
+        t = torch.arange(frames, device=device, dtype=torch.float32).view(frames, 1, 1)
+        video = _background(spec, height, width, device).expand(frames, height, width, 3).clone()
+        rgb = torch.tensor(spec.rgb, device=device, dtype=torch.float32)
+        masks = []
+        for sx, sy in spec.starts:
+            dx = x - (sx + spec.velocity[0] * t)  # (T, 1, W)
+            dy = y - (sy + spec.velocity[1] * t)  # (T, H, 1)
+            alpha = (0.5 - _signed_distance(spec.combo.shape, dx, dy, spec.radius)).clamp(0, 1)  # (T, H, W)
+            video = video * (1 - alpha[..., None]) + rgb * alpha[..., None]
+            masks.append(alpha > 0.5)
+        return video, torch.stack(masks)
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device):
+    """Run on one CPU thread: a clip is too small to split, and on a busy CPU torch's pool thrashes (30x)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ def _import_interpreted():
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
+        # the first import of triton must happen here: its own jit helpers are decorated at that moment
         import triton.experimental.gluon  # noqa: F401 - imported lazily at launch, asserts interpreter mode
 
         module = importlib.import_module(MODULE)
@@ -32,14 +33,36 @@ def _import_interpreted():
             os.environ["TRITON_INTERPRET"] = before
 
 
+def _interpreter_ready() -> bool:
+    """False when triton was first imported elsewhere without the interpreter: its own helpers
+    (tl.zeros, tl.max, ...) are then compiled-only and interpreted kernels cannot call them."""
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language.standard as standard
+
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
 if INTERPRET:
     _import_interpreted()
+TRITON_OK = not INTERPRET or _interpreter_ready()
+TRITON_SKIP = "triton was imported before tests/kernels/conftest.py without TRITON_INTERPRET: run tests/kernels first"
+
+
+def need_triton():
+    if not TRITON_OK:
+        pytest.skip(TRITON_SKIP)
+
+
+@pytest.fixture(scope="session")
+def _config_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vdit_sparse_cache")
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
+def _kernel_test_env(monkeypatch, _config_cache_dir):
     if INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VDIT_SPARSE_CACHE_DIR", str(_config_cache_dir))  # tests never touch the user's cache
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes on a shared 2-core machine: intra-op threads only contend
     yield
@@ -131,4 +154,5 @@ def kit():
     return types.SimpleNamespace(
         make_plan=make_plan, make_qkv=make_qkv, poisoned=poisoned, rel_l2=rel_l2, to_device=to_device,
         random_segments=random_segments, random_lists=random_lists, random_perm=random_perm, DEVICE=DEVICE, TOL=TOL,
+        need_triton=need_triton,
     )

@@ -78,6 +78,7 @@ def test_tuning_can_be_turned_off(tmp_path, monkeypatch):
 
 def test_kernel_tuning_picks_and_persists(kit, gen, tmp_path, monkeypatch):
     """The kernel's own tuning path, with the timer faked (no GPU here): runs every candidate, caches the fastest."""
+    kit.need_triton()
     monkeypatch.setenv("VDIT_SPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(ac, "CANDIDATES", CANDIDATES)
     fake_ms = iter([3.0, 1.0, 2.0])

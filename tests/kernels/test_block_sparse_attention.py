@@ -23,6 +23,8 @@ B, H, D = 1, 2, 32
 
 def run(kit, backend, q, k, v, plan, skip=None, **kw):
     """The call under test, on the backend's device, into a poisoned buffer; results come back on CPU."""
+    if backend == "triton":
+        kit.need_triton()
     dev = kit.DEVICE if backend == "triton" else "cpu"
     q, k, v = (t.to(dev) for t in (q, k, v))
     out = kit.poisoned(torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=dev))
@@ -173,6 +175,8 @@ def test_strided_inputs_and_expanded_plan(kit, gen, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_block_mask_form(kit, gen, backend):
+    if backend == "triton":
+        kit.need_triton()
     N = 100
     mask = torch.rand(B, H, 4, 3, generator=gen) < 0.5
     q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
@@ -211,7 +215,9 @@ def _bad_calls(kit, gen):
         "skip": lambda: block_sparse_attention(q, k, v, plan, skip=torch.zeros(3, dtype=torch.bool)),
         "out": lambda: block_sparse_attention(q, k, v, plan, out=torch.empty(1)),
         "head dim 24": lambda: block_sparse_attention(q[..., :24], k[..., :24], v, plan, backend="triton"),
-        "config: the Triton kernel": lambda: block_sparse_attention(q, k, v, plan, backend="triton", config={"BLOCK_M": 24, "BLOCK_N": 32}),
+        "config: the Triton kernel": lambda: block_sparse_attention(
+            *(t.to(kit.DEVICE) for t in (q, k, v)), kit.to_device(plan, kit.DEVICE), backend="triton",
+            config={"BLOCK_M": 24, "BLOCK_N": 32}),
     }
 
 

@@ -51,7 +51,11 @@ def full_density_methods():
     """(name, overrides) that make each registered method compute every block."""
     from vdit_sparse.methods import METHODS
 
-    settings = {"dense": {}, "svg": {"density": 1.0}, "svg2": {"density": 1.0, "num_q_clusters": 4, "num_k_clusters": 4}}
+    settings = {
+        "dense": {},
+        "svg": {"density": 1.0},
+        "svg2": {"density": 1.0, "num_q_clusters": 4, "num_k_clusters": 4, "kmeans_iters_first": 2},
+    }
     return [(name, settings[name]) for name in sorted(METHODS) if name in settings] + [("video_full", {})]
 
 

@@ -54,7 +54,8 @@ def test_adapter_lists_double_then_single_blocks_and_reads_the_layout_from_the_c
     t = build_transformer(num_layers=2, num_single_layers=1, patch_size_t=2)
     assert adapter_for(t) is HunyuanVideoAdapter
     layers = HunyuanVideoAdapter.self_attention(t)
-    assert [m for _, m in layers] == [t.transformer_blocks[0].attn, t.transformer_blocks[1].attn, t.single_transformer_blocks[0].attn]
+    blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
+    assert [m for _, m in layers] == [b.attn for b in blocks]
     assert [i for i, _ in layers] == [0, 1, 2]
     x, text = torch.randn(2, 4, 4, 8, 12), torch.randn(2, TEXT, 16)
     padded = torch.tensor([[1, 1, 1, 0, 0, 0]] * 2)
@@ -62,7 +63,8 @@ def test_adapter_lists_double_then_single_blocks_and_reads_the_layout_from_the_c
     assert layout == VideoLayout(frames=2, height=4, width=6, text_tokens=3, text_position="after")
     # prompts padded to different lengths cannot share one cut: the layout keeps the padded text
     mixed = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
-    assert HunyuanVideoAdapter.layout(t, (), dict(hidden_states=x, encoder_hidden_states=text, encoder_attention_mask=mixed)).text_tokens == TEXT
+    kw = dict(hidden_states=x, encoder_hidden_states=text, encoder_attention_mask=mixed)
+    assert HunyuanVideoAdapter.layout(t, (), kw).text_tokens == TEXT
 
 
 def test_dense_is_bit_identical_and_remove_restores_the_stock_processors(transformer):

@@ -1,0 +1,99 @@
+"""scripts/train_tiny.py at micro scale: both stages resume from checkpoints, export loads in WanPipeline."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
+
+
+@pytest.fixture(scope="module")
+def train_tiny():
+    spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_tiny"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("train_tiny", None)
+
+
+def run(train_tiny, *argv):
+    return train_tiny.main(["--smoke", "--log-every", "1000", *map(str, argv)])
+
+
+def test_stages_resume_and_export_loads_as_a_wan_pipeline(train_tiny, tmp_path):
+    from diffusers import WanPipeline
+
+    from vdit_sparse.pipelines.tiny import build_tokenizer
+
+    ckpt, once = tmp_path / "ckpt", tmp_path / "once"
+    assert run(train_tiny, "--stage", "vae", "--steps", 2, "--ckpt-dir", ckpt)["step"] == 2
+    assert run(train_tiny, "--stage", "vae", "--steps", 2, "--ckpt-dir", ckpt)["step"] == 4
+    run(train_tiny, "--stage", "vae", "--steps", 4, "--ckpt-dir", once)
+    resumed, straight = train_tiny.load_checkpoint(ckpt, "vae"), train_tiny.load_checkpoint(once, "vae")
+    for name, tensor in straight["model"].items():  # 2 + 2 resumed steps == 4 steps in one call
+        assert torch.equal(resumed["model"][name], tensor), name
+
+    assert run(train_tiny, "--stage", "dit", "--steps", 1, "--ckpt-dir", ckpt)["step"] == 1
+    assert run(train_tiny, "--stage", "dit", "--steps", 1, "--ckpt-dir", ckpt)["step"] == 2
+    dit = train_tiny.load_checkpoint(ckpt, "dit")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["dit-0000002.part0", "dit.json", "vae-0000004.part0", "vae.json"]
+
+    out = tmp_path / "tiny"
+    result = run(train_tiny, "--stage", "export", "--ckpt-dir", ckpt, "--out", out)
+    assert result["size_mb"] < 40 and json.loads((out / "training.json").read_text())["dit_steps"] == 2
+    pipe = WanPipeline.from_pretrained(out)
+    assert pipe.vae.config.latents_mean == pytest.approx(dit["latents_mean"])
+    for name, p in pipe.transformer.named_parameters():  # the export ships the EMA weights
+        assert torch.equal(p.detach(), dit["ema"][name]), name
+    caption = "two red circles moving left on a plain background"
+    assert pipe.tokenizer(caption).input_ids == build_tokenizer()(caption).input_ids
+    frames = pipe(caption, num_frames=5, height=32, width=32, num_inference_steps=1, max_sequence_length=16,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 5, 32, 32, 3) and frames.min() >= 0 and frames.max() <= 1
+
+    report = run(train_tiny, "--stage", "eval", "--ckpt-dir", ckpt, "--out", out, "--eval-clips", 1, "--eval-steps", 1)
+    assert report["heldout"]["n"] == report["train"]["n"] == 1
+    assert json.loads((out / "eval.json").read_text())["heldout"].keys() >= {"colour_accuracy", "motion_accuracy", "count_accuracy"}
+
+
+def test_flow_matching_follows_the_scheduler_sign_convention(train_tiny):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    x0 = torch.randn(2, 16, 2, 4, 4)
+    x_t, sigma, v = train_tiny.flow_matching_batch(x0, 3.0, torch.Generator().manual_seed(0))
+    eps = v + x0
+    assert torch.allclose(x_t, (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * eps, atol=1e-6)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    s, s_next = scheduler.sigmas[1], scheduler.sigmas[2]
+    x = (1 - s) * x0 + s * eps
+    stepped = scheduler.step(eps - x0, scheduler.timesteps[1], x, return_dict=False)[0]  # the exact v moves
+    assert torch.allclose(stepped, (1 - s_next) * x0 + s_next * eps, atol=1e-5)  # along the straight path
+
+
+def test_checkpoints_split_into_parts_and_reject_corruption(train_tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tiny, "PART_BYTES", 1000)
+    state = dict(step=3, w=torch.arange(1000.0))
+    train_tiny.save_checkpoint(state, tmp_path, "x")
+    parts = sorted(tmp_path.glob("x-0000003.part*"))
+    assert len(parts) >= 4 and all(p.stat().st_size <= 1000 for p in parts)
+    assert torch.equal(train_tiny.load_checkpoint(tmp_path, "x")["w"], state["w"])
+    train_tiny.save_checkpoint(dict(step=4, w=torch.zeros(3)), tmp_path, "x")
+    assert not list(tmp_path.glob("x-0000003.part*"))  # superseded parts are removed after the manifest
+    assert train_tiny.load_checkpoint(tmp_path, "missing") is None
+    part = next(tmp_path.glob("x-0000004.part*"))
+    part.write_bytes(part.read_bytes()[:-1] + b"!")
+    with pytest.raises(RuntimeError, match="sha256"):
+        train_tiny.load_checkpoint(tmp_path, "x")
+
+
+def test_bad_arguments_are_named(train_tiny, tmp_path):
+    with pytest.raises(SystemExit, match="no vae.json"):
+        run(train_tiny, "--stage", "dit", "--steps", 1, "--ckpt-dir", tmp_path)
+    with pytest.raises(SystemExit):
+        train_tiny.parse_args(["--stage", "vae", "--ckpt-dir", str(tmp_path), "--minutes", "0"])
