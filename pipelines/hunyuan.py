@@ -99,6 +99,8 @@ class HunyuanJointAttnProcessor:
 
         return dense_fn
 
+    # under torch.compile, the one graph break of this call: reading the padding is data-dependent
+    @torch.compiler.disable
     def _attention(self, q, k, v, attention_mask, text: int) -> torch.Tensor:
         dense_fn = self._dense(attention_mask)
         lengths = real_text_lengths(attention_mask, text)

@@ -69,9 +69,11 @@ def flex_block_mask(mask, n):
 
     counts = mask.sum(-1, dtype=torch.int32)  # (1, H, nb)
     indices = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    return BlockMask.from_kv_blocks(
-        torch.zeros_like(counts), torch.zeros_like(indices), counts, indices, BLOCK_SIZE=BLOCK, seq_lengths=(n, n)
-    )
+    args = (torch.zeros_like(counts), torch.zeros_like(indices), counts, indices)
+    try:
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=BLOCK, seq_lengths=(n, n))
+    except TypeError:  # a torch without seq_lengths: lengths then come from the inputs
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=BLOCK)
 
 
 def bench(fn, rep):
@@ -90,6 +92,20 @@ def timed_first_call(fn):
 
 def rel_l2(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def measure(rows, row, fn, rep, dense_ms, flops, ref=None):
+    """Time ``fn`` (first call, then do_bench median) into a new row; a failure becomes a row too."""
+    try:
+        out, first = timed_first_call(fn)
+        ms = bench(fn, rep)
+    except Exception as e:  # one failing method must not cost the rest of the table
+        print(f"| {row['shape']} | {row['method']} | FAILED: {type(e).__name__}: {str(e)[:200]} |", flush=True)
+        return None
+    err = rel_l2(out, ref) if ref is not None else None
+    rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9, speedup=dense_ms / ms, first_s=first, err=err))
+    print_table(rows[-1:], header=False)
+    return out
 
 
 def run_shape(name, args, rows):
@@ -111,6 +127,7 @@ def run_shape(name, args, rows):
     dense_ms = bench(cudnn, args.rep)
     rows.append(dict(shape=name, method="cuDNN SDPA (dense)", pattern="-", density=1.0, ms=dense_ms,
                      tflops=dense_flops / dense_ms / 1e9, speedup=1.0, first_s=None, err=None))
+    print_table(rows[-1:], header=False)
     flex = None
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -123,25 +140,19 @@ def run_shape(name, args, rows):
             plan = from_block_mask(mask, (BLOCK, BLOCK), N)
             realised = float(plan.density().mean())
             flops = dense_flops * realised
-            common = dict(shape=name, pattern=pattern, density=realised)
+            row = dict(shape=name, pattern=pattern, density=realised)
             flex_out = None
             if flex is not None:
                 bm = flex_block_mask(mask, N)
-                flex_out, first = timed_first_call(lambda: flex(q, k, v, block_mask=bm))
-                ms = bench(lambda: flex(q, k, v, block_mask=bm), args.rep)
-                rows.append(dict(common, method="FlexAttention", ms=ms, tflops=flops / ms / 1e9,
-                                 speedup=dense_ms / ms, first_s=first, err=None))
-            variants = [("ours", plan)]
-            if not args.no_perm:
+                flex_out = measure(rows, dict(row, method="FlexAttention"), lambda: flex(q, k, v, block_mask=bm),
+                                   args.rep, dense_ms, flops)
+            measure(rows, dict(row, method="ours"), lambda: block_sparse_attention(q, k, v, plan),
+                    args.rep, dense_ms, flops, ref=flex_out)
+            if not args.no_perm:  # same work, rows and keys gathered through random per-head permutations
                 perm = random_perms(H, N, gen)
-                variants.append(("ours + perm", replace(plan, q_perm=perm, k_perm=perm)))
-            for method, p in variants:
-                out, first = timed_first_call(lambda: block_sparse_attention(q, k, v, p))
-                ms = bench(lambda: block_sparse_attention(q, k, v, p), args.rep)
-                err = rel_l2(out, flex_out) if flex_out is not None and p.q_perm is None else None
-                rows.append(dict(common, method=method, ms=ms, tflops=flops / ms / 1e9,
-                                 speedup=dense_ms / ms, first_s=first, err=err))
-            print_table(rows[-len(variants) - (flex is not None):], header=False)
+                permuted = replace(plan, q_perm=perm, k_perm=perm)
+                measure(rows, dict(row, method="ours + perm"), lambda: block_sparse_attention(q, k, v, permuted),
+                        args.rep, dense_ms, flops)
     del q, k, v
     torch.cuda.empty_cache()
 
@@ -168,6 +179,7 @@ def main():
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, batch 1")
     print("(rows as they finish; the full table follows)")
+    print_table([], header=True)
     rows = []
     for name in args.shapes:
         run_shape(name, args, rows)

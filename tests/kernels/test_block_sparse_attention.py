@@ -228,3 +228,40 @@ def _bad_calls(kit, gen):
 def test_bad_arguments_raise_clear_errors(kit, gen, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):
         _bad_calls(kit, gen)[name]()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("perms", ["q_only", "k_only"])
+def test_one_sided_permutation(kit, gen, backend, perms):
+    N = 100
+    plan = kit.make_plan("segments", B, H, N, gen)
+    plan = replace(plan, q_perm=plan.q_perm if perms == "q_only" else None, k_perm=plan.k_perm if perms == "k_only" else None)
+    q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    assert kit.rel_l2(run(kit, backend, q, k, v, plan), reference_attention(q, k, v, plan)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_head_dim_may_differ(kit, gen, backend):
+    N = 90
+    plan = kit.make_plan("segments", B, H, N, gen)
+    q, k, _ = kit.make_qkv(B, H, N, D, torch.float32, gen)
+    v = torch.randn(B, H, N, 16, generator=gen)
+    out = run(kit, backend, q, k, v, plan)
+    assert out.shape == (B, H, N, 16)
+    assert kit.rel_l2(out, reference_attention(q, k, v, plan)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_options_together_in_bf16(kit, gen, backend):
+    """Permutations, unequal segments, skip, reverse and stats in one bf16 call."""
+    N = 120
+    plan = kit.make_plan("segments", B, H, N, gen, density=0.7)
+    skip = torch.rand(plan.kv_index.shape, generator=gen) < 0.3
+    q, k, v = kit.make_qkv(B, H, N, D, torch.bfloat16, gen)
+    out, stats = run(kit, backend, q, k, v, plan, skip=skip, tile_stats=True, reverse=True)
+    ref = reference_attention(q.float(), k.float(), v.float(), plan.drop(skip))
+    assert kit.rel_l2(out, ref) < kit.TOL[torch.bfloat16]
+    ref_stats = reference_tile_stats(q, k, plan, skip=skip, reverse=True)
+    assert torch.equal(stats.isinf(), ref_stats.isinf())
+    finite = ref_stats.isfinite()
+    torch.testing.assert_close(stats[finite], ref_stats[finite], atol=1e-3, rtol=0)
