@@ -6,6 +6,10 @@ key segments into key tiles of ``block_n`` positions, and step ``j`` of the loop
 tile of every tile that still has one (one gather, two batched matmuls). Tiles are sorted by their number of key
 tiles, so the tiles active at step j are a prefix: cost follows the computed tiles, i.e. the density.
 Query tiles are processed in chunks, so memory stays bounded whatever N is; nothing is N x N.
+
+Padding is the weak spot: a 5-token cluster still costs a full tile. ``padded_area`` measures that
+cost, and the dispatcher (block_sparse_attention._torch_forward) sends such plans to the masked-rows
+path (``cpu_masked.py``) instead.
 """
 
 from __future__ import annotations
@@ -56,16 +60,8 @@ def _key_tiles(plan: BlockPlan, skip, reverse: bool, block_n: int) -> dict:
     and ``row_len``. Skipped entries, entries past kv_count and empty key segments get no tile.
     """
     G, Sq, L = plan.kv_index.shape
-    Sk = plan.k_offsets.shape[1] - 1
     dev = plan.kv_index.device
-    valid = torch.arange(L, device=dev) < plan.kv_count[..., None]  # (G, Sq, L)
-    if skip is not None:
-        valid = valid & ~skip
-    seg = plan.kv_index.long().clamp(0, max(Sk - 1, 0))
-    k_off = plan.k_offsets.long()[:, None, :].expand(-1, Sq, -1)  # (G, Sq, Sk + 1)
-    seg_lo = torch.gather(k_off, 2, seg)  # (G, Sq, L)
-    seg_hi = torch.gather(k_off, 2, seg + 1)
-    count = torch.where(valid, (seg_hi - seg_lo + block_n - 1) // block_n, 0)  # key tiles per entry
+    seg_lo, seg_hi, count = _entry_key_tiles(plan, skip, block_n)
     entry = torch.arange(L, device=dev).expand(G, Sq, L)
     if reverse:
         seg_lo, seg_hi, count, entry = (t.flip(2) for t in (seg_lo, seg_hi, count, entry))
@@ -84,6 +80,28 @@ def _key_tiles(plan: BlockPlan, skip, reverse: bool, block_n: int) -> dict:
         "row_first": torch.cumsum(row_len, 0) - row_len,
         "row_len": row_len,
     }
+
+
+def _entry_key_tiles(plan: BlockPlan, skip, block_n: int):
+    """Per plan entry (G, Sq, L): its key segment's first and end plan position, and its number of
+    key tiles (0 for entries not computed: past kv_count, skipped, or an empty segment)."""
+    G, Sq, L = plan.kv_index.shape
+    Sk = plan.k_offsets.shape[1] - 1
+    valid = torch.arange(L, device=plan.kv_index.device) < plan.kv_count[..., None]  # (G, Sq, L)
+    if skip is not None:
+        valid = valid & ~skip
+    seg = plan.kv_index.long().clamp(0, max(Sk - 1, 0))
+    k_off = plan.k_offsets.long()[:, None, :].expand(-1, Sq, -1)  # (G, Sq, Sk + 1)
+    seg_lo = torch.gather(k_off, 2, seg)  # (G, Sq, L)
+    seg_hi = torch.gather(k_off, 2, seg + 1)
+    return seg_lo, seg_hi, torch.where(valid, (seg_hi - seg_lo + block_n - 1) // block_n, 0)
+
+
+def padded_area(plan: BlockPlan, skip=None, block_m: int = 64, block_n: int = 64) -> int:
+    """(query, key) pairs this path computes, tile padding included: its cost, to compare with G·N²."""
+    q_tiles = (plan.q_offsets.diff(dim=1).long() + block_m - 1) // block_m  # (G, Sq)
+    key_tiles = _entry_key_tiles(plan, skip, block_n)[2].sum(2)  # (G, Sq)
+    return int((q_tiles * key_tiles).sum()) * block_m * block_n
 
 
 def _gather_rows(x, g, pos, perm):

@@ -16,7 +16,7 @@ class CogVideoXJointAttnProcessor:
     """Replaces ``CogVideoXAttnProcessor2_0`` on ``attn1``; hands q, k, v to the accelerate handle."""
 
     def __init__(self, attend, layer: int, original):
-        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn) -> out, all (B, N, H, D)
+        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn, dense=False) -> out, all (B, N, H, D)
         self.layer = layer
         self.original = original
 
@@ -50,10 +50,8 @@ class CogVideoXJointAttnProcessor:
             return out.transpose(1, 2)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, H, D) views
-        if attention_mask is not None:  # a caller's mask is not something a block plan can express
-            out = dense_fn(q, k, v)
-        else:
-            out = self.attend(self.layer, q, k, v, dense_fn)  # (B, N, H, D)
+        # a caller's mask is not something a block plan can express: the stock call, recorded
+        out = self.attend(self.layer, q, k, v, dense_fn, dense=attention_mask is not None)  # (B, N, H, D)
         out = out.reshape(B, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
         text_out, video_out = out.split([text, N - text], dim=1)

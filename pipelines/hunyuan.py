@@ -68,7 +68,7 @@ class HunyuanJointAttnProcessor:
     _parallel_config = None
 
     def __init__(self, attend, layer: int, original):
-        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn) -> out, all (B, N, H, D)
+        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn, dense=False) -> out, all (B, N, H, D)
         self.layer = layer
         self.original = original
         self._attention_backend = getattr(original, "_attention_backend", None)
@@ -109,7 +109,7 @@ class HunyuanJointAttnProcessor:
         if len(set(lengths)) > 1:
             # prompts padded to different lengths in one batch: one layout cannot describe them, and a
             # plan over the padded sequence would let padding keys take attention; stay exact
-            return dense_fn(q, k, v)
+            return self.attend(self.layer, q, k, v, dense_fn, dense=True)
         n = q.shape[1] - text + lengths[0]  # video + real text
         pad_q, pad_k, pad_v = q[:, n:], k[:, n:], v[:, n:]
         padding_rows = {}

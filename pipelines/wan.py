@@ -25,7 +25,7 @@ class WanSelfAttnProcessor:
     _parallel_config = None
 
     def __init__(self, attend, layer: int, original):
-        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn) -> out, all (B, N, H, D)
+        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn, dense=False) -> out, all (B, N, H, D)
         self.layer = layer
         self.original = original
         self._attention_backend = getattr(original, "_attention_backend", None)

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -123,7 +122,9 @@ def build_pipeline(recipe: Recipe, seed: int, transformer, vae):
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(seed, len(tokenizer))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=recipe.shift)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -155,7 +156,7 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> dict | None:
     manifest = json.loads(manifest_path.read_text())
     data = b"".join((ckpt_dir / part).read_bytes() for part in manifest["parts"])
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise RuntimeError(f"checkpoint {manifest_path}: parts do not match the manifest's sha256; delete it to restart")
+        raise RuntimeError(f"checkpoint {manifest_path}: parts do not match its sha256; delete it to restart")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
@@ -243,7 +244,9 @@ def latent_statistics(vae, recipe: Recipe, seed: int, device, autocast) -> tuple
 def caption_table(pipe, device) -> dict[str, torch.Tensor]:
     """Embeddings (MAX_TEXT_TOKENS, TEXT_DIM) of every caption of the world and of "", as the pipeline makes them."""
     captions = [c.caption() for c in shapes_world.all_combos()] + [""]
-    embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=MAX_TEXT_TOKENS, device=device)
+    embeds, _ = pipe.encode_prompt(
+        captions, do_classifier_free_guidance=False, max_sequence_length=MAX_TEXT_TOKENS, device=device
+    )  # (361, MAX_TEXT_TOKENS, TEXT_DIM)
     return dict(zip(captions, embeds.float()))
 
 
@@ -493,7 +496,8 @@ def run_stage(args) -> dict:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
+        on_cuda = device.type == "cuda"
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda)  # noqa: E731
         train = train_vae if args.stage == "vae" else train_dit
         result = train(args, recipe, device, autocast)
     return result

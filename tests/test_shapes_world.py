@@ -69,7 +69,9 @@ def test_heldout_prompts_never_appear_in_the_training_stream():
 def test_heldout_set_is_fixed_and_every_attribute_is_still_trained():
     held = sw.heldout_combos()
     assert len(set(held)) == sw.HELDOUT_SIZE == 36 and len(sw.all_combos()) == 360
-    assert held[:2] == [sw.Combo("red", "square", "left", 2, "plain"), sw.Combo("red", "square", "right", 2, "textured")]
+    assert held[:2] == [
+        sw.Combo("red", "square", "left", 2, "plain"), sw.Combo("red", "square", "right", 2, "textured")
+    ]
     train = sw.combos("train")
     assert len(train) == 324 and not set(train) & set(held)
     for attribute, values in (("colour", sw.COLOURS), ("shape", sw.SHAPES), ("motion", sw.MOTIONS),
@@ -80,8 +82,10 @@ def test_heldout_set_is_fixed_and_every_attribute_is_still_trained():
 def test_every_caption_word_is_in_the_tokenizer_vocabulary():
     words = {w for c in sw.all_combos() for w in c.caption().split()}
     assert words <= set(VOCAB_WORDS)
-    assert sw.Combo("red", "circle", "left", 2, "plain").caption() == "two red circles moving left on a plain background"
-    assert sw.Combo("blue", "square", "still", 1, "textured").caption() == "a blue square staying still on a textured background"
+    two = sw.Combo("red", "circle", "left", 2, "plain")
+    one = sw.Combo("blue", "square", "still", 1, "textured")
+    assert two.caption() == "two red circles moving left on a plain background"
+    assert one.caption() == "a blue square staying still on a textured background"
 
 
 def test_bad_inputs_are_named():

@@ -58,7 +58,8 @@ def test_stages_resume_and_export_loads_as_a_wan_pipeline(train_tiny, tmp_path):
 
     report = run(train_tiny, "--stage", "eval", "--ckpt-dir", ckpt, "--out", out, "--eval-clips", 1, "--eval-steps", 1)
     assert report["heldout"]["n"] == report["train"]["n"] == 1
-    assert json.loads((out / "eval.json").read_text())["heldout"].keys() >= {"colour_accuracy", "motion_accuracy", "count_accuracy"}
+    rates = json.loads((out / "eval.json").read_text())["heldout"]
+    assert rates.keys() >= {"colour_accuracy", "motion_accuracy", "count_accuracy", "mean_flicker"}
 
 
 def test_flow_matching_follows_the_scheduler_sign_convention(train_tiny):
@@ -74,6 +75,16 @@ def test_flow_matching_follows_the_scheduler_sign_convention(train_tiny):
     x = (1 - s) * x0 + s * eps
     stepped = scheduler.step(eps - x0, scheduler.timesteps[1], x, return_dict=False)[0]  # the exact v moves
     assert torch.allclose(stepped, (1 - s_next) * x0 + s_next * eps, atol=1e-5)  # along the straight path
+
+
+def test_frozen_text_encoder_keeps_every_caption_apart(train_tiny):
+    recipe = train_tiny.SMOKE
+    pipe = train_tiny.build_pipeline(recipe, 0, train_tiny.build_transformer(recipe), train_tiny.build_vae(recipe))
+    table = train_tiny.caption_table(pipe, torch.device("cpu"))
+    assert len(table) == 361 and "" in table  # 360 captions and the empty prompt of guidance
+    embeds = torch.stack(list(table.values())).flatten(1)  # (361, MAX_TEXT_TOKENS * TEXT_DIM)
+    distance = torch.cdist(embeds, embeds) + torch.eye(len(embeds)) * 1e9
+    assert distance.min() > 0.2 * embeds.norm(dim=1).mean()  # even one-word changes move the embedding
 
 
 def test_checkpoints_split_into_parts_and_reject_corruption(train_tiny, tmp_path, monkeypatch):

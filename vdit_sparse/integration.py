@@ -152,16 +152,17 @@ class AccelerateHandle:
         # One graph break per self-attention call under torch.compile, named here: the policy and the
         # method's planning are per-step Python and data-dependent; everything around it compiles.
         @torch.compiler.disable
-        def attend(layer, q, k, v, dense_fn):  # all (B, N, H, D), the diffusers layout
-            return self._attend(model, layer, q, k, v, dense_fn)
+        def attend(layer, q, k, v, dense_fn, dense: bool = False):  # all (B, N, H, D), the diffusers layout
+            return self._attend(model, layer, q, k, v, dense_fn, dense)
 
         return attend
 
-    def _attend(self, model, layer, q, k, v, dense_fn):
+    def _attend(self, model, layer, q, k, v, dense_fn, dense=False):
+        """``dense=True``: the processor needs the stock call (an input no plan can express); it is recorded."""
         call = self._current
         if call is None:
             raise RuntimeError("vdit_sparse: self-attention ran outside a transformer forward; the step hook is missing")
-        method, params, cache = self.policy.resolve(layer, call.step, call.num_steps)
+        method, params, cache = ("dense", None, "none") if dense else self.policy.resolve(layer, call.step, call.num_steps)
         timer = Timer(q.device)
         if method == "dense" and cache == "none":
             out, density, extras = dense_fn(q, k, v), 1.0, {}

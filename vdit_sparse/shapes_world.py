@@ -234,7 +234,9 @@ def sample_clip_spec(seed: int, index: int, frames: int, height: int, width: int
     return sample_spec(rng, combo, frames, height, width)
 
 
-def make_clip(seed: int, index: int = 0, frames: int = 25, height: int = 128, width: int = 128, split: str = "train") -> Clip:
+def make_clip(
+    seed: int, index: int = 0, frames: int = 25, height: int = 128, width: int = 128, split: str = "train"
+) -> Clip:
     spec = sample_clip_spec(seed, index, frames, height, width, split)
     video, masks = render(spec, frames, height, width)
     video_u8 = (video * 255).round().to(torch.uint8).numpy()  # (T, H, W, 3)

@@ -169,3 +169,17 @@ def test_pipeline_sparse_run_then_remove_is_bit_identical(transformer, methods):
     assert (sparse - ref).abs().max() > 1e-3
     assert torch.equal(generate(), ref)
     assert {(r["step"], r["branch"], r["layer"]) for r in table} == {(s, "cond", l) for s in (0, 1) for l in (0, 1)}
+
+
+def test_prompts_of_different_lengths_run_the_stock_call_and_are_recorded(transformer):
+    kw = inputs(batch=2, real=(REAL, REAL - 1))
+    ref = run(transformer, **kw)
+    acc = vs.accelerate(transformer, attention="svg", density=0.5)
+    try:
+        out = run(transformer, **kw)
+        rows = acc.stats()
+    finally:
+        acc.remove()
+    assert torch.equal(out, ref)
+    layers = len(HunyuanVideoAdapter.self_attention(transformer))
+    assert len(rows) == layers and {r["method"] for r in rows} == {"dense"} and {r["density"] for r in rows} == {1.0}

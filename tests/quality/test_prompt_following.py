@@ -59,7 +59,8 @@ def test_unnamed_attributes_are_not_judged_and_a_missing_object_fails(clips):
 
 def test_flicker_grows_with_background_noise(clips):
     video = clips[0].video
-    noisy = np.clip(video.astype(int) + np.random.default_rng(0).integers(-20, 21, video.shape), 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(-20, 21, video.shape)
+    noisy = np.clip(video.astype(int) + noise, 0, 255).astype(np.uint8)
     calm, shaky = prompt_following(video, "x")["flicker"], prompt_following(noisy, "x")["flicker"]
     assert shaky > 0.03 > calm
 

@@ -4,23 +4,10 @@ from __future__ import annotations
 
 from .base import AttentionContext, Method
 from .dense import Dense
+from .svg import SVG
+from .svg2 import SVG2
 
-METHODS: dict[str, type[Method]] = {"dense": Dense}
-
-
-def _register_optional():
-    # methods whose modules may not exist yet in a partial checkout stay out of the registry
-    import importlib
-
-    for name, (module, cls) in {"svg": (".svg", "SVG"), "svg2": (".svg2", "SVG2")}.items():
-        try:
-            METHODS[name] = getattr(importlib.import_module(module, __name__), cls)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}{module}":
-                raise
-
-
-_register_optional()
+METHODS: dict[str, type[Method]] = {"dense": Dense, "svg": SVG, "svg2": SVG2}
 
 
 def get_method(name: str) -> Method:

@@ -20,7 +20,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..shapes_world import COLOURS, MOTIONS, PLURALS
+from ..shapes_world import COLOURS, PLURALS
 
 SATURATION_MIN = 0.3
 STILL_MAX_TRAVEL = 0.1  # a centroid travelling less than this fraction of the frame side is "still"
