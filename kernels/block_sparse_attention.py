@@ -160,17 +160,18 @@ def _block_sparse_fwd(
 # ---------------------------------------------------------------- host side: work list and launch
 
 
-def query_tiles(q_offsets: torch.Tensor, block_m: int):
+def query_tiles(q_offsets: torch.Tensor, block_m: int, total: int | None = None):
     """The work list: every query segment cut into tiles of ``block_m`` plan rows (the last one short).
 
     Returns four (T,) int32 tensors: batch·head ``g``, segment ``s``, first and end plan position.
-    Empty segments get no tile. Vectorised: no Python loop over segments.
+    Empty segments get no tile. Vectorised: no Python loop over segments. ``total``, the number of
+    tiles when the caller already knows it, saves a device-to-host sync.
     """
     G, S1 = q_offsets.shape
     off = q_offsets.long()
     sizes = off.diff(dim=1).reshape(-1)  # (G * Sq,)
     ntiles = (sizes + block_m - 1) // block_m
-    total = int(ntiles.sum())
+    total = int(ntiles.sum()) if total is None else total
     seg_ids = torch.repeat_interleave(torch.arange(sizes.numel(), device=off.device), ntiles, output_size=total)
     first_tile = torch.cumsum(ntiles, 0) - ntiles  # (G * Sq,) index of each segment's first tile
     within = torch.arange(total, device=off.device) - first_tile[seg_ids]
@@ -184,9 +185,9 @@ def query_tiles(q_offsets: torch.Tensor, block_m: int):
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def _launch(q, k, v, plan: BlockPlan, scale, skip, reverse, out, stats, cfg):
+def _launch(q, k, v, plan: BlockPlan, scale, skip, reverse, out, stats, cfg, total=None):
     """One kernel launch with config ``cfg``; writes ``out`` and, when given, the per-tile ``stats``."""
-    tile_g, tile_s, tile_lo, tile_hi = query_tiles(plan.q_offsets, cfg["BLOCK_M"])
+    tile_g, tile_s, tile_lo, tile_hi = query_tiles(plan.q_offsets, cfg["BLOCK_M"], total)
     num_tiles = tile_g.numel()
     L = plan.kv_index.shape[2]
     if stats is not None:
@@ -228,25 +229,52 @@ def _segment_stats(tile_stats, tile_g, tile_s, plan: BlockPlan):
     return stats.view(G, Sq, L)
 
 
+def _mean_density(plan: BlockPlan, n: int) -> torch.Tensor:
+    """() float64 on the plan's device: BlockPlan.density() averaged, with N given (reading it would sync)."""
+    G, Sq, L = plan.kv_index.shape
+    q_sizes = plan.q_offsets.diff(dim=1).double()  # (G, Sq)
+    k_sizes = plan.k_offsets.diff(dim=1).double()  # (G, Sk)
+    valid = torch.arange(L, device=q_sizes.device) < plan.kv_count[..., None]  # (G, Sq, L)
+    idx = plan.kv_index.long().clamp(0, max(k_sizes.shape[1] - 1, 0))
+    kept = torch.gather(k_sizes[:, None, :].expand(-1, Sq, -1), 2, idx) * valid  # (G, Sq, L) keys per entry
+    return (kept.sum(2) * q_sizes).sum() / (G * float(n) ** 2)
+
+
+def _host_numbers(plan: BlockPlan, n: int, block_ms, with_density: bool):
+    """Tile totals per BLOCK_M, and the mean density, in one device-to-host copy: a call's only sync."""
+    sizes = plan.q_offsets.diff(dim=1).long()  # (G, Sq)
+    values = [((sizes + bm - 1) // bm).sum().double() for bm in block_ms]
+    if with_density:
+        values.append(_mean_density(plan, n))
+    numbers = torch.stack(values).tolist()
+    return {bm: int(n) for bm, n in zip(block_ms, numbers)}, (numbers[-1] if with_density else None)
+
+
 def _triton_forward(q, k, v, plan, scale, skip, tile_stats, reverse, out, config):
+    from . import autotune_cache
+
     stats = torch.empty(0, dtype=torch.float32, device=q.device) if tile_stats else None
+    tuning = config is None and q.device.type != "cpu"  # the interpreter runs a fixed small config
+    config = INTERPRETER_CONFIG if config is None and not tuning else config
+    block_ms = sorted({c["BLOCK_M"] for c in autotune_cache.CANDIDATES}) if tuning else [config["BLOCK_M"]]
+    totals, density = _host_numbers(plan, q.shape[2], block_ms, with_density=tuning)
 
     def run(cfg, out_buf, stats_buf):
-        return _launch(q, k, v, plan, scale, skip, reverse, out_buf, stats_buf, cfg)
+        return _launch(q, k, v, plan, scale, skip, reverse, out_buf, stats_buf, cfg, totals.get(cfg["BLOCK_M"]))
 
-    if config is None:
-        config = INTERPRETER_CONFIG if q.device.type == "cpu" else _tuned_config(q, v, plan, run)
+    if tuning:
+        config = _tuned_config(q, v, plan, run, density)
     tile_s, tile_g = run(config, out, stats)
     if not tile_stats:
         return out
     return out, _segment_stats(stats, tile_g, tile_s, plan)
 
 
-def _tuned_config(q, v, plan: BlockPlan, run):
+def _tuned_config(q, v, plan: BlockPlan, run, density: float | None = None):
     """The launch config for this (N, D, density band), tuned once and cached on disk."""
     from . import autotune_cache
 
-    density = float(plan.density().mean())
+    density = float(_mean_density(plan, q.shape[2])) if density is None else density
     key = autotune_cache.tuning_key(q, v.shape[3], density, has_perm=plan.q_perm is not None or plan.k_perm is not None)
 
     def measure(cfg):  # into scratch buffers; a config whose output is not finite is rejected

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from vdit_sparse import shapes_world
-from vdit_sparse.pipelines.tiny import MAX_TEXT_TOKENS, TEXT_DIM, TEXT_ENCODER_CONFIG, build_tokenizer
+from vdit_sparse.pipelines.tiny import (
+    MAX_TEXT_TOKENS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_tokenizer,
+)
 
 STAGES = ("vae", "dit", "export", "eval")
 STAGE_IDS = {"vae": 1, "dit": 2, "stats": 3}
@@ -72,18 +74,7 @@ class Recipe:
     save_every_min: float = 3.0
 
 
-DEFAULT = Recipe(
-    frames=25, height=128, width=128,
-    vae=dict(
-        base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-        scale_factor_spatial=4, scale_factor_temporal=4,
-    ),
-    dit=dict(
-        patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ),
-)
+DEFAULT = Recipe(frames=25, height=128, width=128, vae=dict(VAE_CONFIG), dit=dict(TRANSFORMER_CONFIG))  # pipelines/tiny.py's shapes
 
 SMOKE = dataclasses.replace(
     DEFAULT, frames=5, height=32, width=32, vae_frames=5, vae_batch=2, dit_batch=2, warmup_steps=2, stat_clips=2,

@@ -12,7 +12,7 @@ def tiny_pipe():
     return pipe
 
 
-def run_tiny(pipe, seed=0, steps=2, frames=9, size=64, **kw):
+def run_tiny(pipe, seed=0, steps=2, frames=9, size=32, **kw):
     """A small, fast run of the tiny pipeline: (T, H, W, 3) float frames."""
     out = pipe(
         prompt=kw.pop("prompt", "a red square moving right"), num_frames=frames, height=size, width=size,

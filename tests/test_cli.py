@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SMALL = ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64"]
+SMALL = ["--steps", "2", "--frames", "9", "--height", "32", "--width", "32"]
 
 
 def cli(*args, cwd=None):
@@ -18,12 +18,12 @@ def test_generate_writes_a_playable_mp4_and_sidecar(tmp_path):
     r = cli("generate", "a red circle", *SMALL, "--out", str(out), "seed=3")
     assert r.returncode == 0, r.stderr
     frames = _read_ffmpeg(out)
-    assert frames.shape[0] == 9 and frames.shape[1:3] == (64, 64)
+    assert frames.shape[0] == 9 and frames.shape[1:3] == (32, 32)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["seed"] == 3 and side["config"]["model"]["steps"] == 2
     assert side["config"]["prompt"] == "a red circle"
     assert side["device"] == "cpu" and side["versions"]["diffusers"]
-    assert side["density"] == 1.0 and set(side["density_per_layer"]) == {f"transformer.{i}" for i in range(4)}
+    assert side["density"] == 1.0 and set(side["density_per_layer"]) == {f"transformer.{i}" for i in range(6)}
     assert side["wall_s"] > 0 and side["attention_ms"] > 0
 
 
@@ -52,7 +52,7 @@ def test_generate_gif_and_refuses_to_overwrite(tmp_path):
     (["--density", "0"], "density=0.0: must be a number in (0, 1]"),
     (["--density", "1.5"], "density=1.5"),
     (["--frames", "10"], "frames=10: this model takes 4k + 1 frames"),
-    (["--height", "100"], "height=100: this model takes multiples of 16"),
+    (["--height", "100"], "height=100: this model takes multiples of 8"),
     (["--model", "/no/such/model"], "not a diffusers pipeline directory"),
     (["--out", "clip.avi"], "must end in .mp4 or .gif"),
     (["attention.sparsity=0.5"], "unknown parameter sparsity"),

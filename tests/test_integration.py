@@ -149,7 +149,7 @@ def test_tuned_table_overrides_one_layer(tiny_pipe, diagonal_method):
         methods = {r["layer"]: r["method"] for r in acc.stats()}
     finally:
         acc.remove()
-    assert methods == {0: "dense", 1: "dense", 2: "diagonal", 3: "dense"}
+    assert methods == {i: "diagonal" if i == 2 else "dense" for i in range(len(tiny_pipe.transformer.blocks))}
 
 
 def test_compiled_and_eager_accelerated_pipelines_agree_without_recompiling_per_step(tiny_pipe, diagonal_method):

@@ -161,25 +161,38 @@ def _lanes(count: int, size: float, radius: float, margin: float) -> list[tuple]
 
 
 def render(spec: ClipSpec, frames: int, height: int, width: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Video (T, H, W, 3) float in [0, 1] and object masks (count, T, H, W) bool.
+    """Video (T, H, W, 3) float in [0, 1] and object masks (count, T, H, W) bool of one clip."""
+    video, masks = render_specs([spec], frames, height, width, device)
+    return video[0], masks[0, : spec.combo.count]
+
+
+def render_specs(specs, frames: int, height: int, width: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Videos (B, T, H, W, 3) float in [0, 1] and masks (B, 2, T, H, W) bool, all clips at once.
 
     Each shape is drawn from a signed distance d (negative inside) with a one-pixel soft edge:
-    alpha = clamp(0.5 - d, 0, 1); the mask is alpha > 0.5.
+    alpha = clamp(0.5 - d, 0, 1); the mask is alpha > 0.5. A clip of one object has an empty second
+    mask. One batch costs a fixed number of tensor operations, whatever its size (the GPU path).
     """
     with _one_thread_on_cpu(device):
-        y = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1) + 0.5
-        x = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, width) + 0.5
-        t = torch.arange(frames, device=device, dtype=torch.float32).view(frames, 1, 1)
-        video = _background(spec, height, width, device).expand(frames, height, width, 3).clone()
-        rgb = torch.tensor(spec.rgb, device=device, dtype=torch.float32)
-        masks = []
-        for sx, sy in spec.starts:
-            dx = x - (sx + spec.velocity[0] * t)  # (T, 1, W)
-            dy = y - (sy + spec.velocity[1] * t)  # (T, H, 1)
-            alpha = (0.5 - _signed_distance(spec.combo.shape, dx, dy, spec.radius)).clamp(0, 1)  # (T, H, W)
-            video = video * (1 - alpha[..., None]) + rgb * alpha[..., None]
-            masks.append(alpha > 0.5)
-        return video, torch.stack(masks)
+        table = lambda rows: torch.tensor(rows, device=device, dtype=torch.float32)  # noqa: E731
+        present = table([[k < s.combo.count for k in range(2)] for s in specs])  # (B, 2)
+        starts = table([[s.starts[min(k, len(s.starts) - 1)] for k in range(2)] for s in specs])  # (B, 2, 2)
+        velocity = table([s.velocity for s in specs])  # (B, 2)
+        radius = table([s.radius for s in specs]).view(-1, 1, 1, 1, 1)
+        shape = torch.tensor([SHAPES.index(s.combo.shape) for s in specs], device=device).view(-1, 1, 1, 1, 1)
+        rgb = table([s.rgb for s in specs]).view(-1, 1, 1, 1, 3)
+        t = torch.arange(frames, device=device, dtype=torch.float32).view(1, 1, frames, 1, 1)
+        y = torch.arange(height, device=device, dtype=torch.float32).view(1, 1, 1, height, 1) + 0.5
+        x = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, 1, 1, width) + 0.5
+        centre_x = starts[..., 0, None, None, None] + velocity[:, None, 0, None, None, None] * t  # (B, 2, T, 1, 1)
+        centre_y = starts[..., 1, None, None, None] + velocity[:, None, 1, None, None, None] * t
+        distance = _signed_distance(shape, x - centre_x, y - centre_y, radius)  # (B, 2, T, H, W)
+        alpha = (0.5 - distance).clamp(0, 1) * present[..., None, None, None]
+        video = _background(specs, height, width, device)[:, None].expand(-1, frames, -1, -1, -1)  # (B, T, H, W, 3)
+        for k in range(2):
+            a = alpha[:, k, ..., None]  # (B, T, H, W, 1)
+            video = video * (1 - a) + rgb * a
+        return video, alpha > 0.5
 
 
 @contextlib.contextmanager
@@ -196,27 +209,29 @@ def _one_thread_on_cpu(device):
         torch.set_num_threads(threads)
 
 
-def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
-    """Distance to the shape's edge, negative inside; shapes are sized to about the same area."""
-    if shape == "circle":
-        return torch.sqrt(dx * dx + dy * dy) - r
-    if shape == "square":
-        return torch.maximum(dx.abs(), dy.abs()) - 0.886 * r  # half side of the circle's area
-    if shape == "triangle":  # upward equilateral, circumradius R, inradius R / 2
-        big_r = 1.25 * r
-        base = dy  # the bottom edge's outward normal is (0, 1)
-        sides = torch.maximum(0.866 * dx - 0.5 * dy, -0.866 * dx - 0.5 * dy)
-        return torch.maximum(base, sides) - big_r / 2
-    raise ValueError(f"shape={shape!r}: unknown; use one of {', '.join(SHAPES)}")
+def _signed_distance(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Distance to the edge of shape SHAPES[shape], negative inside; shapes have about equal areas.
+
+    square: max(|dx|, |dy|) - 0.886 r (the circle's area); circle: |(dx, dy)| - r; triangle: upward
+    equilateral of circumradius R = 1.25 r, the max over its three edges' half-planes minus R / 2.
+    """
+    square = torch.maximum(dx.abs(), dy.abs()) - 0.886 * r
+    circle = torch.sqrt(dx * dx + dy * dy) - r
+    sides = torch.maximum(0.866 * dx - 0.5 * dy, -0.866 * dx - 0.5 * dy)  # outward normals (+-0.866, -0.5)
+    triangle = torch.maximum(dy, sides) - 0.625 * r  # the bottom edge's normal is (0, 1)
+    return torch.where(shape == 0, square, torch.where(shape == 1, circle, triangle))
 
 
-def _background(spec: ClipSpec, height: int, width: int, device) -> torch.Tensor:
-    """Grey (H, W, 3): uniform, or a checkerboard of two greys with cells of ``spec.cell`` pixels."""
-    y = torch.arange(height, device=device).view(height, 1) + spec.phase[1]
-    x = torch.arange(width, device=device).view(1, width) + spec.phase[0]
-    checker = ((x // spec.cell + y // spec.cell) % 2).float()  # (H, W)
-    grey = spec.background_levels[0] + (spec.background_levels[1] - spec.background_levels[0]) * checker
-    return grey[..., None].expand(height, width, 3)
+def _background(specs, height: int, width: int, device) -> torch.Tensor:
+    """Grey (B, H, W, 3): uniform, or a checkerboard of two greys with cells of ``spec.cell`` pixels."""
+    as_column = lambda rows: torch.tensor(rows, device=device).view(-1, 1, 1)  # noqa: E731
+    cell = as_column([s.cell for s in specs])
+    y = torch.arange(height, device=device).view(1, height, 1) + as_column([s.phase[1] for s in specs])
+    x = torch.arange(width, device=device).view(1, 1, width) + as_column([s.phase[0] for s in specs])
+    checker = ((x // cell + y // cell) % 2).float()  # (B, H, W)
+    low = as_column([s.background_levels[0] for s in specs]).float()
+    high = as_column([s.background_levels[1] for s in specs]).float()
+    return (low + (high - low) * checker)[..., None].expand(-1, -1, -1, 3)
 
 
 def clip_rng(seed: int, index: int) -> np.random.Generator:
@@ -248,13 +263,10 @@ def render_batch(
     split: str = "train", device="cpu",
 ) -> tuple[torch.Tensor, list[str]]:
     """Clips ``step * batch_size ...`` of the stream, as (B, 3, T, H, W) float in [-1, 1], and captions."""
-    videos, captions = [], []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        spec = sample_clip_spec(seed, i, frames, height, width, split)
-        video, _ = render(spec, frames, height, width, device)
-        videos.append(video.permute(3, 0, 1, 2))  # (3, T, H, W)
-        captions.append(spec.combo.caption())
-    return torch.stack(videos) * 2 - 1, captions
+    indices = range(step * batch_size, (step + 1) * batch_size)
+    specs = [sample_clip_spec(seed, i, frames, height, width, split) for i in indices]
+    video, _ = render_specs(specs, frames, height, width, device)  # (B, T, H, W, 3)
+    return video.permute(0, 4, 1, 2, 3) * 2 - 1, [s.combo.caption() for s in specs]
 
 
 def _check_size(frames: int, height: int, width: int) -> None:

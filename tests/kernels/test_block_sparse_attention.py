@@ -5,6 +5,7 @@ random each run (the seed is printed), and outputs are written into NaN-filled b
 kernel forgets to write fails the comparison.
 """
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -170,7 +171,13 @@ def test_strided_inputs_and_expanded_plan(kit, gen, backend):
     q, k, v = (torch.randn(2, N, heads, D, generator=gen).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
     out = run(kit, backend, q, k, v, plan)
-    assert kit.rel_l2(out, reference_attention(q, k, v, plan)) < 1e-5
+    ref = reference_attention(q, k, v, plan)
+    assert kit.rel_l2(out, ref) < 1e-5
+    dev = kit.DEVICE if backend == "triton" else "cpu"
+    strided_out = torch.full((2, N, heads, D), float("nan"), device=dev).transpose(1, 2)  # written in place
+    block_sparse_attention(*(t.to(dev) for t in (q, k, v)), kit.to_device(plan, dev), backend=backend, out=strided_out,
+                           config=None if backend == "triton" else TORCH_TILES)
+    assert kit.rel_l2(strided_out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -265,3 +272,14 @@ def test_all_options_together_in_bf16(kit, gen, backend):
     assert torch.equal(stats.isinf(), ref_stats.isinf())
     finite = ref_stats.isfinite()
     torch.testing.assert_close(stats[finite], ref_stats[finite], atol=1e-3, rtol=0)
+
+
+def test_one_sync_numbers_match_the_work_list(kit, gen):
+    """The tile totals and density read in one device-to-host copy are those the work list and plan give."""
+    bsa = importlib.import_module("vdit_sparse.kernels.block_sparse_attention")
+    plan = kit.make_plan("segments", B, H, 200, gen)
+    totals, density = bsa._host_numbers(plan, 200, [16, 64, 128], with_density=True)
+    for bm, total in totals.items():
+        assert total == bsa.query_tiles(plan.q_offsets, bm)[0].numel()
+        assert all(torch.equal(a, b) for a, b in zip(bsa.query_tiles(plan.q_offsets, bm, total), bsa.query_tiles(plan.q_offsets, bm)))
+    assert density == pytest.approx(float(plan.density().mean()))

@@ -1,0 +1,456 @@
+"""``vdit-sparse tune``: a per-layer table of settings, the cheapest that keeps quality within a target.
+
+1. Calibrate: dense runs on a few prompts, recorded (tune_calibrate): per layer, the relative error
+   and realised density of every candidate setting at sampled steps after warm-up.
+2. Search (tune_search): one setting per layer, least predicted attention time (tune_cost: a GPU
+   measurement, or a proportional fallback that the outputs name), mean error ≤ ``--target-error``.
+   ``--target-psnr`` runs uniform settings end to end, fits PSNR against predicted error, searches
+   at the error that fit gives, and checks the table with real runs (tightening up to ``--rounds``).
+3. Write ``--out`` (YAML: ``metadata`` and ``layers``, read by ``accelerate(pipe, tuned=...)``,
+   ``generate --tuned`` and ``tuned=``), validate on held-out prompts against a uniform setting of
+   the same predicted cost, and write the report (tune_report) beside the YAML.
+
+With ``--cache tileskip`` the knob is the tile-skip threshold (issue 8): per-layer thresholds whose
+attention error against dense stays within the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .generate import GenerateRequest, add_generation_args, request_from_args
+from .params import Params
+from .tune_calibrate import DEFAULT_VALUES, KNOBS, Candidate, Recorder, candidates, recording, sampled_steps
+from .tune_cost import CostModel, load_cost_model
+from .tune_search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
+
+HELP = "find per-layer sparse-attention settings for a quality target; write configs/tuned/NAME.yaml and a report"
+CALIBRATION_PROMPTS = ("a red square moving right", "two blue circles moving up on a striped background")
+HOLDOUT_PROMPTS = ("a green triangle moving left", "a yellow ball moving down on a dark background")
+_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vdit-sparse tune", description=HELP)
+    p.add_argument("--out", required=True, metavar="PATH|NAME",
+                   help="the table: a .yaml path, or a NAME for configs/tuned/NAME.yaml; the report goes beside it")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
+    target.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
+    p.add_argument("--knob", choices=KNOBS, help="what varies per layer (default: threshold with --cache tileskip, else density)")
+    p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid)")
+    p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: 2 built-in)")
+    p.add_argument("--holdout", metavar="FILE", help="held-out validation prompts, one per line (default: 2 built-in)")
+    p.add_argument("--sampled-steps", type=int, default=3, help="steps observed per calibration run (default 3)")
+    p.add_argument("--cost-model", metavar="JSON", help="cost model from scripts/bench_cost_model.py (default: configs/cost_model.json if present)")
+    p.add_argument("--rounds", type=int, default=3, help="--target-psnr: end-to-end checks before giving up (default 3)")
+    p.add_argument("--no-validate", action="store_true", help="skip the held-out validation runs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_generation_args(p)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if not _OVERRIDE.match(e)]
+    if stray:
+        raise UserError(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
+def check_args(args) -> None:
+    """Refuse bad input before any run: each error names the flag, the value, and what is allowed."""
+    from .integration import CACHES
+    from .methods import METHODS
+
+    if args.target_psnr is None and args.target_error is None:
+        raise UserError("tune: give a target, --target-psnr DB or --target-error E")
+    if args.target_error is not None and not 0 < args.target_error <= 1:
+        raise UserError(f"--target-error {args.target_error!r}: must be in (0, 1] (a relative error, e.g. 0.05)")
+    if args.target_psnr is not None and not 0 < args.target_psnr <= 100:
+        raise UserError(f"--target-psnr {args.target_psnr!r}: must be in (0, 100] dB (e.g. 30)")
+    if args.attention not in METHODS:
+        raise UserError(f"--attention {args.attention!r}: unknown; known: {', '.join(sorted(METHODS))}")
+    if args.cache not in CACHES:
+        raise UserError(f"--cache {args.cache!r}: unknown; known: {', '.join(CACHES)}")
+    if args.tuned:
+        raise UserError(f"--tuned {args.tuned!r}: tune writes a table and does not start from one; drop --tuned")
+    if args.sampled_steps < 1 or args.rounds < 1:
+        raise UserError(f"--sampled-steps {args.sampled_steps} / --rounds {args.rounds}: must be positive integers")
+    args.knob = args.knob or ("threshold" if args.cache == "tileskip" else "density")
+    _check_knob(args)
+
+
+def _check_knob(args) -> None:
+    knob, attention, cache = args.knob, args.attention, args.cache
+    if knob == "threshold" and cache != "tileskip":
+        raise UserError("--knob threshold: tunes the tile-skip cache; add --cache tileskip")
+    if knob != "threshold" and cache == "tileskip":
+        raise UserError(f"--knob {knob}: with --cache tileskip the knob is the threshold; drop --knob or the cache")
+    if knob == "density" and attention not in ("svg", "svg2"):
+        raise UserError(f"--attention {attention!r}: nothing to tune; use svg or svg2 (or --cache tileskip for thresholds)")
+    if knob == "top_p" and (attention != "svg2" or args.density is not None):
+        raise UserError(f"--knob top_p: needs --attention svg2 and no --density (got {attention!r}, density {args.density})")
+    if knob == "density" and args.density is not None:
+        raise UserError(f"--density {args.density}: tune chooses the density per layer; drop --density")
+
+
+def knob_values(args) -> list[float]:
+    if args.values is None:
+        return list(DEFAULT_VALUES[args.knob])
+    try:
+        values = sorted({float(v) for v in args.values.split(",")})
+        for v in values:
+            Params().updated(**{args.knob: v})
+    except ValueError as e:
+        raise UserError(f"--values {args.values!r}: {e if 'must' in str(e) else 'expected numbers V1,V2,...'}") from None
+    return values
+
+
+def out_path(args) -> Path:
+    """``--out`` as a path: a bare NAME means configs/tuned/NAME.yaml of this installation."""
+    from .config import config_dir
+
+    raw = args.out
+    path = Path(raw)
+    if path.suffix == "" and path.parent == Path("."):
+        path = config_dir() / "tuned" / f"{raw}.yaml"
+    if path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"--out {raw!r}: expected a .yaml path or a bare NAME (for configs/tuned/NAME.yaml)")
+    if path.exists() and not args.overwrite:
+        raise UserError(f"--out {str(path)!r}: exists; pass --overwrite to replace it, or choose another name")
+    return path
+
+
+def read_prompts(path: str | None, default: tuple[str, ...], flag: str) -> list[str]:
+    if path is None:
+        return list(default)
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path!r}: no such file; expected a text file with one prompt per line")
+    prompts = [s.strip() for s in p.read_text(encoding="utf-8").splitlines() if s.strip() and not s.strip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{flag} {path!r}: holds no prompt; expected one prompt per line")
+    return prompts
+
+
+# --- runs --------------------------------------------------------------------------------------------
+
+
+def dense_run_frames(pipe, cfg) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of one run of ``pipe`` with the resolved config ``cfg``, as generate runs it."""
+    import torch
+
+    from .video import to_uint8
+
+    m = cfg.model
+    with torch.inference_mode():
+        out = pipe(
+            prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, num_frames=m.frames, height=m.height,
+            width=m.width, num_inference_steps=m.steps, guidance_scale=m.guidance_scale,
+            max_sequence_length=m.max_sequence_length, generator=torch.Generator(device="cpu").manual_seed(int(cfg.seed)),
+            output_type="np",
+        )
+    return to_uint8(np.asarray(out.frames[0], dtype=np.float32))
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run")
+
+
+def calibrate(pipe, requests: list[GenerateRequest], recorder: Recorder) -> list[np.ndarray]:
+    """Dense runs of ``requests``, recorded; returns their frames (the references for PSNR)."""
+    from .generate import resolve
+
+    frames = []
+    with _bar(len(requests), "calibrating") as bar:
+        for req in requests:
+            recorder.new_run()
+            with recording(pipe, recorder):
+                frames.append(dense_run_frames(pipe, resolve(req)))
+            bar.update()
+    return frames
+
+
+def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray], desc: str) -> tuple[float, float]:
+    """(mean PSNR against ``references``, total attention ms) of runs of ``requests``."""
+    from .generate import run_generation
+    from .quality import psnr
+
+    values, ms = [], 0.0
+    with _bar(len(requests), desc) as bar:
+        for req, ref in zip(requests, references):
+            result = run_generation(req, pipe=pipe, progress=False)
+            values.append(min(psnr(ref, result.frames), 100.0))  # identical videos: cap inf so means stay finite
+            ms += result.attention_ms
+            bar.update()
+    return float(np.mean(values)), ms
+
+
+# --- options and the search ----------------------------------------------------------------------------
+
+
+def layer_options(recorder: Recorder, cands: list[Candidate], cost: CostModel, sparse_share: float, num_runs: int,
+                  dense_layers: set[int]) -> dict[int, list[Option]]:
+    """Per layer, every candidate with its calibrated error and density and its predicted cost per run.
+
+    ``sparse_share``: the share of steps after warm-up, the only ones a layer's setting changes.
+    """
+    out = {}
+    for layer in recorder.layers:
+        shape = recorder.shapes[layer]
+        calls = recorder.calls[layer] / num_runs  # per run, every step and branch
+        sparse_calls = calls * sparse_share
+        dense_ms = cost.ms("dense", 1.0, shape)
+        fixed = (calls - sparse_calls) * dense_ms  # warm-up steps run dense whatever the layer gets
+        if layer in dense_layers:
+            out[layer] = [Option({"attention": "dense"}, 0.0, 1.0, calls * dense_ms)]
+            continue
+        out[layer] = [
+            Option(c.setting, err, density, fixed + sparse_calls * cost.ms(c.method, density, shape))
+            for c, (err, density) in zip(cands, recorder.curve(layer))
+        ]
+    return out
+
+
+def dense_cost(options: dict[int, list[Option]], recorder: Recorder, cost: CostModel, num_runs: int) -> float:
+    return sum(recorder.calls[layer] / num_runs * cost.ms("dense", 1.0, recorder.shapes[layer]) for layer in options)
+
+
+def uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, num_runs, dense_layers, sparse_share) -> float:
+    """The uniform knob value whose predicted total cost matches the tuned table's."""
+    target = totals(chosen)["cost"]
+    if args.knob == "density":  # any density can run: solve Σ cost(d) = target by bisection
+        realised = {layer: _realised_density(opts, args.knob) for layer, opts in options.items()}
+
+        def total(d):
+            s = 0.0
+            for layer in options:
+                shape, calls = recorder.shapes[layer], recorder.calls[layer] / num_runs
+                sparse = calls * sparse_share if layer not in dense_layers else 0.0
+                s += (calls - sparse) * cost.ms("dense", 1.0, shape) + sparse * cost.ms(args.attention, realised[layer](d), shape)
+            return s
+
+        lo, hi = 1e-3, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
+        return round(lo, 4)
+    sums = {i: sum(o[i].cost for o in options.values() if len(o) > i) for i, c in enumerate(cands) if args.knob in c.setting}
+    best = min(sums, key=lambda i: abs(sums[i] - target))
+    return cands[best].setting[args.knob]
+
+
+def _realised_density(opts: list[Option], knob: str):
+    """requested density -> realised density of one layer, interpolated between calibrated candidates
+    (a method realises its request only up to its granularity: whole blocks, whole clusters)."""
+    pts = sorted((o.setting[knob], o.density) for o in opts if knob in o.setting) + [(1.0, 1.0)]
+    xs, ys = [x for x, _ in pts], [y for _, y in pts]
+    return lambda d: float(np.interp(d, xs, ys))
+
+
+def search(args, options, target_error: float) -> dict[int, Option]:
+    try:
+        return choose(options, target_error)
+    except InfeasibleTarget as e:
+        raise UserError(f"--target-error {target_error:.4g}: {e}; allow more error or add safer --values") from None
+
+
+def tune_to_psnr(args, pipe, options, cal_requests, references, out: Path, meta: dict) -> tuple[dict, dict]:
+    """Fit PSNR against predicted error with uniform runs, then search and verify until the target holds."""
+    target = args.target_psnr
+    cands = [(i, o) for i, o in enumerate(next(iter(options.values()))) if args.knob in o.setting]
+    ranked = sorted(cands, key=lambda t: t[1].error)
+    picks = {ranked[len(ranked) // 3][0], ranked[(2 * len(ranked)) // 3][0]}
+    points = []
+    for i in sorted(picks):
+        value = next(o for j, o in cands if j == i).setting[args.knob]
+        reqs = [_with_params(r, {args.knob: value}) for r in cal_requests]
+        err = float(np.mean([opts[i].error for opts in options.values() if len(opts) > i]))
+        psnr, _ = psnr_of(pipe, reqs, references, f"fit {args.knob}={value}")
+        points.append({"setting": {args.knob: value}, "predicted_error": err, "psnr": psnr})
+    history = []
+    error = None
+    for _ in range(args.rounds):
+        a, b = fit_psnr([(p["predicted_error"], p["psnr"]) for p in points + history])
+        fitted = error_for_psnr(a, b, target)
+        error = min(fitted, 1.0) if error is None else min(fitted, 0.7 * error)
+        chosen = search(args, options, error)
+        write_table(out, chosen, {**meta, "target": {"psnr": target, "error": error}})
+        reqs = [replace(r, tuned=str(out)) for r in cal_requests]
+        psnr, _ = psnr_of(pipe, reqs, references, f"check error {error:.3g}")
+        history.append({"predicted_error": totals(chosen)["error"], "psnr": psnr, "searched_error": error})
+        if psnr >= target:
+            break
+    fit = {"a": a, "b": b, "uniform_points": points, "rounds": history, "met": history[-1]["psnr"] >= target}
+    return chosen, fit
+
+
+def _with_params(req: GenerateRequest, params: dict) -> GenerateRequest:
+    return replace(req, params={**req.params, **params})
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+
+
+def write_table(path: Path, chosen: dict[int, Option], meta: dict) -> None:
+    import yaml
+
+    from .quality.atomicfile import atomic_write
+
+    header = "# vdit-sparse tuned table, written by `vdit-sparse tune`; use: generate --tuned NAME, accelerate(pipe, tuned=...)\n"
+    body = {"metadata": meta, "layers": {int(layer): dict(o.setting) for layer, o in chosen.items()}}
+    atomic_write(path, header + yaml.safe_dump(_plain(body), sort_keys=False))
+
+
+def _plain(x):
+    """Plain YAML-safe values (numpy and tuples become floats and lists)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, knob_value) -> dict:
+    """Held-out prompts: PSNR against dense and attention time of the tuned table and of the uniform setting."""
+    from .generate import run_generation
+    from .quality import psnr
+
+    rows = []
+    with _bar(3 * len(prompts), "validating") as bar:
+        for prompt in prompts:
+            req = replace(base, prompt=prompt)
+            runs = {
+                "dense": replace(req, attention="dense", cache="none", params={}),
+                "tuned": replace(req, tuned=str(out)),
+                "uniform": _with_params(req, {args.knob: knob_value}),
+            }
+            results = {}
+            for name, r in runs.items():
+                results[name] = run_generation(r, pipe=pipe, progress=False)
+                bar.update()
+            ref = results["dense"]
+            row = {"prompt": prompt}
+            for name in ("tuned", "uniform"):
+                res = results[name]
+                row[name] = {"psnr": min(psnr(ref.frames, res.frames), 100.0), "density": res.density,
+                             "attention_ms": res.attention_ms, "attention_speedup": ref.attention_ms / max(res.attention_ms, 1e-9)}
+            rows.append(row)
+    mean = {name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in ("tuned", "uniform")}
+    return {"prompts": rows, "mean": mean, "uniform_setting": {args.knob: knob_value}}
+
+
+def metadata(args, cfg, cost: CostModel, cal_prompts, steps_seen, chosen, dense_total) -> dict:
+    from .generate import versions
+
+    t = totals(chosen)
+    m = cfg.model
+    return {
+        "model": args.model, "attention": args.attention, "cache": args.cache, "knob": args.knob,
+        "target": {"psnr": args.target_psnr} if args.target_psnr is not None else {"error": args.target_error},
+        "predicted": {
+            "mean_error": t["error"], "mean_density": t["density"], "attention_cost": t["cost"],
+            "dense_attention_cost": dense_total, "attention_speedup": dense_total / max(t["cost"], 1e-12), "unit": cost.unit,
+        },
+        "cost_model": cost.source,
+        "calibration": {"prompts": list(cal_prompts), "steps": m.steps, "frames": m.frames, "height": m.height,
+                        "width": m.width, "seed": int(cfg.seed), "sampled_steps": sorted(steps_seen)},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+    }
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    from .generate import check_video_size, resolve, run_params
+    from .loading import load_pipeline, resolve_device, resolve_dtype
+    from .policy import Policy
+    from .tune_report import write_report
+
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    check_args(args)
+    values = knob_values(args)
+    out = out_path(args)
+    cal_prompts = read_prompts(args.prompts, CALIBRATION_PROMPTS, "--prompts")
+    holdout = read_prompts(args.holdout, HOLDOUT_PROMPTS, "--holdout")
+    cost = load_cost_model(args.cost_model)
+    base = request_from_args(args, cal_prompts[0])
+    cfg = resolve(base)
+    params = Params().updated(**run_params(cfg))
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    check_video_size(pipe, cfg.model.frames, cfg.model.height, cfg.model.width)
+    pipe.set_progress_bar_config(disable=True)
+
+    policy = Policy(args.attention, params, cache=args.cache)
+    warmup = policy.warmup_count(cfg.model.steps)
+    every_step = args.knob == "threshold"  # tile-skip marks carry between steps: observe them all
+    steps_seen = set(range(warmup, cfg.model.steps)) if every_step else sampled_steps(cfg.model.steps, warmup, args.sampled_steps)
+    if not steps_seen:
+        raise UserError(f"--warmup-steps: all {cfg.model.steps} steps are warm-up (dense); nothing to tune")
+    cands = candidates(args.attention, args.cache, args.knob, values, params)
+    recorder = Recorder(cands, None if every_step else steps_seen, share_state=not every_step)
+    cal_requests = [replace(base, prompt=p) for p in cal_prompts]
+    references = calibrate(pipe, cal_requests, recorder)
+
+    dense_layers = {layer for layer in recorder.layers if policy.is_dense_layer(layer)}
+    sparse_share = (cfg.model.steps - warmup) / cfg.model.steps
+    options = layer_options(recorder, cands, cost, sparse_share, len(cal_prompts), dense_layers)
+    dense_total = dense_cost(options, recorder, cost, len(cal_prompts))
+    fit = None
+    if args.target_error is not None:
+        chosen = search(args, options, args.target_error)
+        meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
+        write_table(out, chosen, meta)
+    else:
+        meta0 = metadata(args, cfg, cost, cal_prompts, steps_seen, {}, dense_total)
+        chosen, fit = tune_to_psnr(args, pipe, options, cal_requests, references, out, meta0)
+        meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
+        meta["target"]["error"] = fit["rounds"][-1]["searched_error"]
+        meta["calibration"]["psnr"] = fit["rounds"][-1]["psnr"]
+        write_table(out, chosen, meta)
+    uniform = uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, len(cal_prompts), dense_layers, sparse_share)
+    validation = None if args.no_validate else validate(args, pipe, base, holdout, out, uniform)
+    report = write_report(out, meta, cands, options, chosen, validation, fit, {args.knob: uniform})
+    _print_summary(out, report, meta, chosen, validation, fit, cost, time.perf_counter() - t0)
+    return 0
+
+
+def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) -> None:
+    p = meta["predicted"]
+    layers = ", ".join(f"{layer}: {', '.join(f'{k}={v}' for k, v in o.setting.items())}" for layer, o in chosen.items())
+    print(f"tuned {len(chosen)} layers: {layers}")
+    print(f"predicted: mean attention error {p['mean_error']:.4g}, mean density {p['mean_density']:.3f}, "
+          f"attention speed-up {p['attention_speedup']:.2f}x (cost model: {cost.source})")
+    if fit is not None:
+        last = fit["rounds"][-1]
+        verdict = "met" if fit["met"] else "NOT met"
+        print(f"calibration PSNR {last['psnr']:.2f} dB against target {meta['target']['psnr']} dB: {verdict}")
+    if validation is not None:
+        m = validation["mean"]
+        u = ", ".join(f"{k}={v}" for k, v in validation["uniform_setting"].items())
+        print(f"held-out ({len(validation['prompts'])} prompts): tuned PSNR {m['tuned']['psnr']:.2f} dB "
+              f"(density {m['tuned']['density']:.3f}, attention speed-up {m['tuned']['attention_speedup']:.2f}x) | "
+              f"uniform {u} of equal predicted cost: PSNR {m['uniform']['psnr']:.2f} dB "
+              f"(density {m['uniform']['density']:.3f}, {m['uniform']['attention_speedup']:.2f}x)")
+    print(f"wrote {out} and {report} in {seconds:.0f} s")
