@@ -40,13 +40,17 @@ _OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")
 # --- arguments ---------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # bad flags are bad input: one line, like every other UserError
+        raise UserError(f"tune: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vdit-sparse tune", description=HELP)
+    p = _Parser(prog="vdit-sparse tune", description=HELP)
     p.add_argument("--out", required=True, metavar="PATH|NAME",
                    help="the table: a .yaml path, or a NAME for configs/tuned/NAME.yaml; the report goes beside it")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
-    target.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
+    p.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
+    p.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
     p.add_argument("--knob", choices=KNOBS, help="what varies per layer (default: threshold with --cache tileskip, else density)")
     p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid)")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: 2 built-in)")
@@ -75,8 +79,8 @@ def check_args(args) -> None:
     from .integration import CACHES
     from .methods import METHODS
 
-    if args.target_psnr is None and args.target_error is None:
-        raise UserError("tune: give a target, --target-psnr DB or --target-error E")
+    if (args.target_psnr is None) == (args.target_error is None):
+        raise UserError("tune: give exactly one target, --target-psnr DB or --target-error E")
     if args.target_error is not None and not 0 < args.target_error <= 1:
         raise UserError(f"--target-error {args.target_error!r}: must be in (0, 1] (a relative error, e.g. 0.05)")
     if args.target_psnr is not None and not 0 < args.target_psnr <= 100:
@@ -186,19 +190,32 @@ def calibrate(pipe, requests: list[GenerateRequest], recorder: Recorder) -> list
     return frames
 
 
-def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray], desc: str) -> tuple[float, float]:
-    """(mean PSNR against ``references``, total attention ms) of runs of ``requests``."""
-    from .generate import run_generation
+def generate(pipe, req: GenerateRequest, tuned: Path | None = None):
+    """run_generation of ``req`` on ``pipe``, with the tuned table at ``tuned`` if given.
+
+    The table is set on the resolved config, not passed as a Hydra override: configs/tuned/ is a
+    directory, so Hydra reads ``tuned=...`` as a config-group choice and refuses it.
+    """
+    from .generate import resolve, run_generation
+
+    cfg = resolve(req)
+    if tuned is not None:
+        cfg.tuned = str(tuned)
+    return run_generation(req, pipe=pipe, cfg=cfg, progress=False)
+
+
+def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray], desc: str,
+            tuned: Path | None = None) -> float:
+    """Mean PSNR against ``references`` of runs of ``requests`` (with the table at ``tuned``, if given)."""
     from .quality import psnr
 
-    values, ms = [], 0.0
+    values = []
     with _bar(len(requests), desc) as bar:
         for req, ref in zip(requests, references):
-            result = run_generation(req, pipe=pipe, progress=False)
+            result = generate(pipe, req, tuned)
             values.append(min(psnr(ref, result.frames), 100.0))  # identical videos: cap inf so means stay finite
-            ms += result.attention_ms
             bar.update()
-    return float(np.mean(values)), ms
+    return float(np.mean(values))
 
 
 # --- options and the search ----------------------------------------------------------------------------
@@ -281,7 +298,7 @@ def tune_to_psnr(args, pipe, options, cal_requests, references, out: Path, meta:
         value = next(o for j, o in cands if j == i).setting[args.knob]
         reqs = [_with_params(r, {args.knob: value}) for r in cal_requests]
         err = float(np.mean([opts[i].error for opts in options.values() if len(opts) > i]))
-        psnr, _ = psnr_of(pipe, reqs, references, f"fit {args.knob}={value}")
+        psnr = psnr_of(pipe, reqs, references, f"fit {args.knob}={value}")
         points.append({"setting": {args.knob: value}, "predicted_error": err, "psnr": psnr})
     history = []
     error = None
@@ -291,8 +308,7 @@ def tune_to_psnr(args, pipe, options, cal_requests, references, out: Path, meta:
         error = min(fitted, 1.0) if error is None else min(fitted, 0.7 * error)
         chosen = search(args, options, error)
         write_table(out, chosen, {**meta, "target": {"psnr": target, "error": error}})
-        reqs = [replace(r, tuned=str(out)) for r in cal_requests]
-        psnr, _ = psnr_of(pipe, reqs, references, f"check error {error:.3g}")
+        psnr = psnr_of(pipe, cal_requests, references, f"check error {error:.3g}", tuned=out)
         history.append({"predicted_error": totals(chosen)["error"], "psnr": psnr, "searched_error": error})
         if psnr >= target:
             break
@@ -318,19 +334,21 @@ def write_table(path: Path, chosen: dict[int, Option], meta: dict) -> None:
 
 
 def _plain(x):
-    """Plain YAML-safe values (numpy and tuples become floats and lists)."""
+    """Plain YAML-safe values: numpy numbers, tuples and str subclasses become float, list and str."""
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
+    if isinstance(x, str):
+        return str(x)  # str subclasses (torch's version string) are not YAML-safe
     return x
 
 
 def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, knob_value) -> dict:
     """Held-out prompts: PSNR against dense and attention time of the tuned table and of the uniform setting."""
-    from .generate import run_generation
+    from .compare import reference_request
     from .quality import psnr
 
     rows = []
@@ -338,13 +356,13 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
         for prompt in prompts:
             req = replace(base, prompt=prompt)
             runs = {
-                "dense": replace(req, attention="dense", cache="none", params={}),
-                "tuned": replace(req, tuned=str(out)),
-                "uniform": _with_params(req, {args.knob: knob_value}),
+                "dense": (reference_request(req, "dense"), None),
+                "tuned": (req, out),
+                "uniform": (_with_params(req, {args.knob: knob_value}), None),
             }
             results = {}
-            for name, r in runs.items():
-                results[name] = run_generation(r, pipe=pipe, progress=False)
+            for name, (r, tuned) in runs.items():
+                results[name] = generate(pipe, r, tuned)
                 bar.update()
             ref = results["dense"]
             row = {"prompt": prompt}
@@ -380,7 +398,8 @@ def metadata(args, cfg, cost: CostModel, cal_prompts, steps_seen, chosen, dense_
 # --- the command ---------------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], pipe=None) -> int:
+    """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
     from .generate import check_video_size, resolve, run_params
     from .loading import load_pipeline, resolve_device, resolve_dtype
     from .policy import Policy
@@ -398,7 +417,8 @@ def main(argv: list[str]) -> int:
     cfg = resolve(base)
     params = Params().updated(**run_params(cfg))
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    if pipe is None:
+        pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
     check_video_size(pipe, cfg.model.frames, cfg.model.height, cfg.model.width)
     pipe.set_progress_bar_config(disable=True)
 

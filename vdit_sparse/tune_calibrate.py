@@ -52,8 +52,19 @@ class Candidate:
 
 
 def candidates(attention: str, cache: str, knob: str, values, base: Params) -> list[Candidate]:
-    """The candidates of ``knob`` at ``values``; the density and top_p knobs also offer a dense layer."""
-    out = [Candidate({knob: v}, attention, base.updated(**{knob: v}), cache) for v in values]
+    """The candidates of ``knob`` at ``values``; the density and top_p knobs also offer a dense layer.
+
+    Calibration runs them in this order on one shared method state (all but the threshold knob), so
+    svg2's k-means advances once per call, in the first candidate: the others reuse its centroids
+    (``kmeans_iters_step=0``) and differ only in which cluster pairs they keep, as their settings do.
+    """
+    shared = knob != "threshold"
+    out = []
+    for i, v in enumerate(values):
+        params = base.updated(**{knob: v})
+        if shared and attention == "svg2" and i > 0:
+            params = params.updated(kmeans_iters_step=0)
+        out.append(Candidate({knob: v}, attention, params, cache))
     if knob != "threshold":
         out.append(Candidate({"attention": "dense"}, "dense", base, "none"))
     return out

@@ -29,7 +29,8 @@ def pipe():
     comps["image_encoder"] = CLIPVisionModel(vision).eval()  # 2 × 2 patches + class token = 5 image tokens
     comps["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # Wan2.1 I2V: latents + mask + encoded image (16 + 4 + 16 channels), CLIP image tokens in attn2
-    config = dict(TRANSFORMER_CONFIG, in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=96, num_layers=2)
+    inner = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
+    config = dict(TRANSFORMER_CONFIG, in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=inner, num_layers=2)
     comps["transformer"] = WanTransformer3DModel(**config).eval()
     pipe = WanImageToVideoPipeline(**comps)
     pipe.set_progress_bar_config(disable=True)
