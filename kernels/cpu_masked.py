@@ -9,6 +9,7 @@ the tile-skip statistics are those of the plan exactly (same definition as kerne
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vdit_sparse.plan import BlockPlan
 
@@ -50,12 +51,15 @@ def masked_rows_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, 
     rows = max(1, MAX_CHUNK_ELEMENTS // max(G * N, 1))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        scores = torch.bmm(qg[:, r0:r1], kg.transpose(1, 2)) * scale  # (G, R, N)
         seg_rows = q_seg[:, r0:r1]  # (G, R)
         allowed = torch.gather(selected, 1, seg_rows[..., None].expand(-1, -1, Sk))  # (G, R, Sk)
         allowed = torch.gather(allowed, 2, k_seg[:, None, :].expand(-1, r1 - r0, -1))  # (G, R, N)
-        if stats is not None:
-            _chunk_stats(scores, seg_rows, k_seg, entries, valid, Sk, reverse, stats)
+        if stats is None:  # torch's fused CPU attention with the mask: no score matrix of ours
+            chunk = F.scaled_dot_product_attention(qg[:, r0:r1], kg, vg, attn_mask=allowed, scale=scale)
+            result[:, r0:r1] = chunk.nan_to_num_(0.0)  # a row with no keys gives zeros
+            continue
+        scores = torch.bmm(qg[:, r0:r1], kg.transpose(1, 2)) * scale  # (G, R, N)
+        _chunk_stats(scores, seg_rows, k_seg, entries, valid, Sk, reverse, stats)
         scores.masked_fill_(~allowed, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no keys gives zeros
         result[:, r0:r1] = torch.bmm(weights, vg)

@@ -178,7 +178,7 @@ def _prompt_files(tmp_path):
     return ["--prompts", str(cal), "--holdout", str(held)]
 
 
-SMALL = ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64"]
+SMALL = ["--frames", "9", "--height", "64", "--width", "64"]
 
 
 def test_tune_command_writes_table_and_report(tmp_path, tiny_pipe, capsys):
@@ -187,7 +187,7 @@ def test_tune_command_writes_table_and_report(tmp_path, tiny_pipe, capsys):
 
     out = tmp_path / "tuned" / "svg-small.yaml"
     argv = ["--attention", "svg", "--target-error", "0.5", "--values", "0.3,0.6", "--out", str(out),
-            *SMALL, *_prompt_files(tmp_path), "attention.block_size=16"]
+            "--steps", "1", *SMALL, *_prompt_files(tmp_path), "attention.block_size=16"]
     assert tune.main(argv, pipe=tiny_pipe) == 0
     table = load_tuned_table(str(out))
     assert sorted(table) == list(range(len(tiny_pipe.transformer.blocks)))
@@ -207,8 +207,9 @@ def test_tune_tileskip_thresholds_meet_the_error_target(tmp_path, tiny_pipe):
     from vdit_sparse.config import load_tuned_table
 
     out = tmp_path / "ts.yaml"
-    argv = ["--attention", "dense", "--cache", "tileskip", "--target-error", "0.05", "--values", "-12,-4,-1",
-            "--out", str(out), "--no-validate", *SMALL, *_prompt_files(tmp_path)]
+    argv = ["--attention", "dense", "--cache", "tileskip", "--target-error", "0.05", "--values=-12,-4,-1",
+            "--out", str(out), "--no-validate", "--steps", "2", *SMALL, *_prompt_files(tmp_path),
+            "attention.block_size=16"]  # marks need 2 steps, and more than the one tile of 64 tokens
     assert tune.main(argv, pipe=tiny_pipe) == 0
     table = load_tuned_table(str(out))
     assert table and all(set(s) == {"threshold"} and s["threshold"] in (-12.0, -4.0, -1.0) for s in table.values())

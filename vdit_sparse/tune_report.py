@@ -34,9 +34,12 @@ def _svg(title: str, xlabel: str, ylabel: str, body: list[str]) -> str:
     ])
 
 
+def _span(lo: float, hi: float) -> tuple[float, float]:
+    """[lo, hi] widened when empty, so a flat series still gets a scale and ticks."""
+    return (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+
+
 def _scale(lo: float, hi: float, a: float, b: float):
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
     return lambda v: a + (v - lo) / (hi - lo) * (b - a)
 
 
@@ -48,7 +51,8 @@ def xy_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: st
     """One polyline with markers per named series of (x, y) points."""
     pts = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
     xs, ys = [x for x, _ in pts] or [0.0, 1.0], [y for _, y in pts] or [0.0, 1.0]
-    x0, x1, y0, y1 = min(xs), max(xs), min(0.0, min(ys)), max(ys) * 1.05 or 1.0
+    x0, x1 = _span(min(xs), max(xs))
+    y0, y1 = _span(min(0.0, min(ys)), max(ys) * 1.05)
     px, py = _scale(x0, x1, LEFT, W - RIGHT), _scale(y0, y1, H - BOTTOM, TOP)
     body = _y_ticks(y0, y1, py)
     body += [f'<text x="{px(v):.1f}" y="{H - BOTTOM + 14}" text-anchor="middle">{v:.3g}</text>' for v in nice_ticks(x0, x1)]

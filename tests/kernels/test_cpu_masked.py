@@ -38,6 +38,8 @@ def test_outputs_and_stats_equal_the_reference(reverse, perm, monkeypatch):
     finite = torch.isfinite(ref_stats)
     assert torch.equal(finite, torch.isfinite(stats))
     assert torch.allclose(stats[finite], ref_stats[finite], atol=1e-5)
+    plain = cpu_masked.masked_rows_attention(q, k, v, plan, 0.25, skip=skip)  # the fused path, no statistics
+    assert torch.allclose(plain, ref, atol=1e-5)
 
 
 def test_a_query_block_without_keys_gives_zeros():
