@@ -11,14 +11,11 @@ import torch.nn.functional as F
 
 from vdit_sparse.layout import VideoLayout
 
+from .processor import HandleProcessor
 
-class CogVideoXJointAttnProcessor:
+
+class CogVideoXJointAttnProcessor(HandleProcessor):
     """Replaces ``CogVideoXAttnProcessor2_0`` on ``attn1``; hands q, k, v to the accelerate handle."""
-
-    def __init__(self, attend, layer: int, original):
-        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn, dense=False) -> out, all (B, N, H, D)
-        self.layer = layer
-        self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb

@@ -11,6 +11,8 @@ import torch
 
 from vdit_sparse.layout import VideoLayout
 
+from .processor import HandleProcessor
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(2, (heads, -1))  # (B, N, H, D)
@@ -61,18 +63,8 @@ def real_text_lengths(attention_mask, text: int) -> list[int] | None:
     return None if all(n == text for n in lengths) else lengths
 
 
-class HunyuanJointAttnProcessor:
+class HunyuanJointAttnProcessor(HandleProcessor):
     """Replaces ``HunyuanVideoAttnProcessor2_0`` on a joint-attention module; hands q, k, v to the accelerate handle."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, attend, layer: int, original):
-        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn, dense=False) -> out, all (B, N, H, D)
-        self.layer = layer
-        self.original = original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)  # (B, V + T, H, D)

@@ -6,6 +6,8 @@ import torch
 
 from vdit_sparse.layout import VideoLayout
 
+from .processor import HandleProcessor
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Wan's interleaved rotary embedding; the same operations as diffusers' processor, so the
@@ -18,18 +20,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
-class WanSelfAttnProcessor:
+class WanSelfAttnProcessor(HandleProcessor):
     """Replaces ``WanAttnProcessor`` on a self-attention module; hands q, k, v to the accelerate handle."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, attend, layer: int, original):
-        self.attend = attend  # handle's entry: (layer, q, k, v, dense_fn, dense=False) -> out, all (B, N, H, D)
-        self.layer = layer
-        self.original = original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
