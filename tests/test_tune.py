@@ -238,3 +238,38 @@ def test_bad_input_is_one_line(tmp_path, argv, match):
     with pytest.raises(UserError, match=match) as e:
         tune.main(argv)
     assert "\n" not in str(e.value)
+
+
+def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch):
+    """The --target-psnr loop on synthetic curves, with runs replaced by a known error -> PSNR law."""
+    import argparse
+
+    from vdit_sparse import tune
+    from vdit_sparse.config import load_tuned_table
+    from vdit_sparse.tune_calibrate import Candidate
+
+    densities = (0.1, 0.2, 0.4)
+    cands = [Candidate({"density": d}, "svg", Params(), "none") for d in densities]
+    cands.append(Candidate({"attention": "dense"}, "dense", Params(), "none"))
+    options = {layer: _curve([0.4 * s, 0.2 * s, 0.08 * s, 0.0], densities + (1.0,)) for layer, s in ((0, 0.3), (1, 1.0), (2, 2.0))}
+
+    def law(error):  # PSNR of a run whose mean attention error is ``error``
+        return 100.0 if error == 0 else 10.0 - 20.0 * math.log10(error)
+
+    def fake_psnr_of(pipe, requests, references, desc, tuned=None):
+        if tuned is None:  # a uniform run
+            i = densities.index(requests[0].params["density"])
+            return law(sum(o[i].error for o in options.values()) / len(options))
+        table = load_tuned_table(str(tuned))
+        err = sum(next(o.error for o in options[layer] if o.setting == s) for layer, s in table.items()) / len(table)
+        return law(err) - 1.0  # the real video loses a little more than the fit says: the loop must tighten
+
+    monkeypatch.setattr(tune, "psnr_of", fake_psnr_of)
+    args = argparse.Namespace(target_psnr=30.0, knob="density", rounds=4)
+    req = tune.GenerateRequest(prompt="p")
+    out = tmp_path / "p.yaml"
+    chosen, fit = tune.tune_to_psnr(args, None, options, cands, [req], [None], out, {"model": "tiny"})
+    assert fit["rounds"][0]["fit"] == pytest.approx([10.0, 20.0])  # the uniform runs follow the law exactly
+    assert fit["met"] and len(fit["rounds"]) >= 2  # the first table missed by 1 dB
+    assert fit["rounds"][-1]["psnr"] >= 30.0
+    assert load_tuned_table(str(out)) == {layer: o.setting for layer, o in chosen.items()}

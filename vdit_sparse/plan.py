@@ -166,69 +166,18 @@ def attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int = 64, *, t
     """
     if layout.text_tokens == 0:
         return plan
-    if text_lengths is not None:
-        return _attach_padded_text(plan, layout, text_block, text_lengths)
-    G, dev = plan.groups, plan.kv_index.device
-    T, V = layout.text_tokens, layout.video_tokens
-    text_off = uniform_offsets(T, text_block, G, dev)  # (G, St + 1)
-    St, Sq, Sk = text_off.shape[1] - 1, plan.q_offsets.shape[1] - 1, plan.k_offsets.shape[1] - 1
-    before = layout.text_position == "before"
-    if before:  # text segments come first: shift video segments by St
-        q_off = torch.cat([text_off[:, :-1], plan.q_offsets + T], 1)
-        k_off = torch.cat([text_off[:, :-1], plan.k_offsets + T], 1)
-        video_k_ids, text_k_ids = torch.arange(St, St + Sk, device=dev), torch.arange(St, device=dev)
-    else:
-        q_off = torch.cat([plan.q_offsets, text_off[:, 1:] + V], 1)
-        k_off = torch.cat([plan.k_offsets, text_off[:, 1:] + V], 1)
-        video_k_ids, text_k_ids = torch.arange(Sk, device=dev), torch.arange(Sk, Sk + St, device=dev)
-    L = plan.kv_index.shape[2]
-    width = max(L + St, Sk + St)
-    # video query rows: their own key segments (renumbered) then all text segments
-    vid_idx = torch.zeros(G, Sq, width, dtype=torch.int32, device=dev)
-    mapped = video_k_ids.to(torch.int32)[plan.kv_index.long().clamp(0, Sk - 1)]
-    vid_idx[..., :L] = mapped
-    count = plan.kv_count
-    text_cols = text_k_ids.to(torch.int32).expand(G, Sq, St)
-    pos = count[..., None].long() + torch.arange(St, device=dev)  # write text ids right after the valid ones
-    vid_idx.scatter_(2, pos, text_cols)
-    vid_count = count + St
-    # text query rows: every key segment
-    all_k = torch.arange(Sk + St, device=dev, dtype=torch.int32)
-    txt_idx = torch.zeros(G, St, width, dtype=torch.int32, device=dev)
-    txt_idx[..., : Sk + St] = all_k
-    txt_count = torch.full((G, St), Sk + St, dtype=torch.int32, device=dev)
-    if before:
-        kv_index, kv_count = torch.cat([txt_idx, vid_idx], 1), torch.cat([txt_count, vid_count], 1)
-    else:
-        kv_index, kv_count = torch.cat([vid_idx, txt_idx], 1), torch.cat([vid_count, txt_count], 1)
-
-    def extend(perm):
-        if perm is None:
-            return None
-        video = perm + layout.video_start
-        text = torch.arange(layout.text_start, layout.text_start + T, device=dev, dtype=perm.dtype).expand(G, T)
-        return torch.cat([text, video] if before else [video, text], 1).contiguous()
-
-    return BlockPlan(
-        q_offsets=q_off.contiguous(),
-        k_offsets=k_off.contiguous(),
-        kv_count=kv_count.contiguous(),
-        kv_index=kv_index.contiguous(),
-        batch=plan.batch,
-        heads=plan.heads,
-        q_perm=extend(plan.q_perm),
-        k_perm=extend(plan.k_perm),
-    )
+    T = layout.text_tokens
+    lengths = [T] * plan.batch if text_lengths is None else [int(n) for n in torch.as_tensor(text_lengths).reshape(-1).tolist()]
+    if len(lengths) != plan.batch or any(n < 0 or n > T for n in lengths):
+        raise ValueError(f"text_lengths={text_lengths!r}: expected {plan.batch} counts in [0, {T}], one per batch item")
+    return _attach_text(plan, layout, text_block, lengths)
 
 
-def _attach_padded_text(plan: BlockPlan, layout: VideoLayout, text_block: int, text_lengths) -> BlockPlan:
+def _attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int, text_lengths: list[int]) -> BlockPlan:
     """``attach_text`` where only the first ``text_lengths[b]`` text tokens of batch item b are keys."""
     G, dev = plan.groups, plan.kv_index.device
     T, V = layout.text_tokens, layout.video_tokens
-    lengths = torch.as_tensor(text_lengths, device=dev).reshape(-1).long()
-    if lengths.numel() != plan.batch or bool((lengths < 0).any()) or bool((lengths > T).any()):
-        raise ValueError(f"text_lengths={text_lengths!r}: expected {plan.batch} counts in [0, {T}], one per batch item")
-    lengths = lengths.repeat_interleave(plan.heads)  # (G,): groups are batch-major
+    lengths = torch.tensor(text_lengths, device=dev).repeat_interleave(plan.heads)  # (G,): groups are batch-major
     text_q = uniform_offsets(T, text_block, G, dev)  # (G, St + 1): padding queries stay ordinary text rows
     St, Sq, Sk = text_q.shape[1] - 1, plan.q_offsets.shape[1] - 1, plan.k_offsets.shape[1] - 1
     # key edges: the same blocks cut at the real length, then one padding segment [length, T)

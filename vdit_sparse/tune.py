@@ -153,11 +153,19 @@ def read_prompts(path: str | None, default: tuple[str, ...], flag: str) -> list[
 # --- runs --------------------------------------------------------------------------------------------
 
 
-def dense_run_frames(pipe, cfg) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of one run of ``pipe`` with the resolved config ``cfg``, as generate runs it."""
+def dense_run_frames(pipe, cfg, on_step=None) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of one run of ``pipe`` with the resolved config ``cfg``, as generate runs it.
+
+    ``on_step()`` is called after each denoising step (progress).
+    """
     import torch
 
     from .video import to_uint8
+
+    def step_end(pipeline, step, timestep, callback_kwargs):
+        if on_step is not None:
+            on_step()
+        return callback_kwargs
 
     m = cfg.model
     with torch.inference_mode():
@@ -165,15 +173,15 @@ def dense_run_frames(pipe, cfg) -> np.ndarray:
             prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, num_frames=m.frames, height=m.height,
             width=m.width, num_inference_steps=m.steps, guidance_scale=m.guidance_scale,
             max_sequence_length=m.max_sequence_length, generator=torch.Generator(device="cpu").manual_seed(int(cfg.seed)),
-            output_type="np",
+            output_type="np", callback_on_step_end=step_end,
         )
     return to_uint8(np.asarray(out.frames[0], dtype=np.float32))
 
 
-def _bar(total: int, desc: str):
+def _bar(total: int, desc: str, unit: str = "run"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="run")
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
 def calibrate(pipe, requests: list[GenerateRequest], recorder: Recorder) -> list[np.ndarray]:
@@ -181,12 +189,13 @@ def calibrate(pipe, requests: list[GenerateRequest], recorder: Recorder) -> list
     from .generate import resolve
 
     frames = []
-    with _bar(len(requests), "calibrating") as bar:
-        for req in requests:
+    cfgs = [resolve(req) for req in requests]
+    # one tick per denoising step: the observed steps are the slow ones, and a run can take minutes on a CPU
+    with _bar(sum(int(c.model.steps) for c in cfgs), "calibrating", unit="step") as bar:
+        for cfg in cfgs:
             recorder.new_run()
             with recording(pipe, recorder):
-                frames.append(dense_run_frames(pipe, resolve(req)))
-            bar.update()
+                frames.append(dense_run_frames(pipe, cfg, on_step=bar.update))
     return frames
 
 
@@ -201,7 +210,7 @@ def generate(pipe, req: GenerateRequest, tuned: Path | None = None):
     cfg = resolve(req)
     if tuned is not None:
         cfg.tuned = str(tuned)
-    return run_generation(req, pipe=pipe, cfg=cfg, progress=False)
+    return run_generation(req, pipe=pipe, cfg=cfg, progress=True)  # the pipeline's own bar, under ours
 
 
 def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray], desc: str,
@@ -287,17 +296,20 @@ def search(args, options, target_error: float) -> dict[int, Option]:
         raise UserError(f"--target-error {target_error:.4g}: {e}; allow more error or add safer --values") from None
 
 
-def tune_to_psnr(args, pipe, options, cal_requests, references, out: Path, meta: dict) -> tuple[dict, dict]:
+def tune_to_psnr(args, pipe, options, cands, cal_requests, references, out: Path, meta: dict) -> tuple[dict, dict]:
     """Fit PSNR against predicted error with uniform runs, then search and verify until the target holds."""
     target = args.target_psnr
-    cands = [(i, o) for i, o in enumerate(next(iter(options.values()))) if args.knob in o.setting]
-    ranked = sorted(cands, key=lambda t: t[1].error)
-    picks = {ranked[len(ranked) // 3][0], ranked[(2 * len(ranked)) // 3][0]}
+
+    def uniform_error(i):  # forced-dense layers have one option: they add no error
+        return float(np.mean([opts[i].error if len(opts) > i else 0.0 for opts in options.values()]))
+
+    ranked = sorted((i for i, c in enumerate(cands) if args.knob in c.setting), key=uniform_error)
+    picks = {ranked[len(ranked) // 3], ranked[(2 * len(ranked)) // 3]}  # two uniform runs spanning the middle
     points = []
     for i in sorted(picks):
-        value = next(o for j, o in cands if j == i).setting[args.knob]
+        value = cands[i].setting[args.knob]
         reqs = [_with_params(r, {args.knob: value}) for r in cal_requests]
-        err = float(np.mean([opts[i].error for opts in options.values() if len(opts) > i]))
+        err = uniform_error(i)
         psnr = psnr_of(pipe, reqs, references, f"fit {args.knob}={value}")
         points.append({"setting": {args.knob: value}, "predicted_error": err, "psnr": psnr})
     history = []
@@ -309,7 +321,7 @@ def tune_to_psnr(args, pipe, options, cal_requests, references, out: Path, meta:
         chosen = search(args, options, error)
         write_table(out, chosen, {**meta, "target": {"psnr": target, "error": error}})
         psnr = psnr_of(pipe, cal_requests, references, f"check error {error:.3g}", tuned=out)
-        history.append({"predicted_error": totals(chosen)["error"], "psnr": psnr, "searched_error": error})
+        history.append({"predicted_error": totals(chosen)["error"], "psnr": psnr, "searched_error": error, "fit": [a, b]})
         if psnr >= target:
             break
     fit = {"a": a, "b": b, "uniform_points": points, "rounds": history, "met": history[-1]["psnr"] >= target}
@@ -444,7 +456,7 @@ def main(argv: list[str], pipe=None) -> int:
         write_table(out, chosen, meta)
     else:
         meta0 = metadata(args, cfg, cost, cal_prompts, steps_seen, {}, dense_total)
-        chosen, fit = tune_to_psnr(args, pipe, options, cal_requests, references, out, meta0)
+        chosen, fit = tune_to_psnr(args, pipe, options, cands, cal_requests, references, out, meta0)
         meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
         meta["target"]["error"] = fit["rounds"][-1]["searched_error"]
         meta["calibration"]["psnr"] = fit["rounds"][-1]["psnr"]
