@@ -262,7 +262,7 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
             return law(sum(o[i].error for o in options.values()) / len(options))
         table = load_tuned_table(str(tuned))
         err = sum(next(o.error for o in options[layer] if o.setting == s) for layer, s in table.items()) / len(table)
-        return law(err) - 1.0  # the real video loses a little more than the fit says: the loop must tighten
+        return law(err) - 2.0  # the real video loses more than the fit says: the loop must tighten
 
     monkeypatch.setattr(tune, "psnr_of", fake_psnr_of)
     args = argparse.Namespace(target_psnr=30.0, knob="density", rounds=4)
@@ -270,6 +270,6 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
     out = tmp_path / "p.yaml"
     chosen, fit = tune.tune_to_psnr(args, None, options, cands, [req], [None], out, {"model": "tiny"})
     assert fit["rounds"][0]["fit"] == pytest.approx([10.0, 20.0])  # the uniform runs follow the law exactly
-    assert fit["met"] and len(fit["rounds"]) >= 2  # the first table missed by 1 dB
+    assert fit["met"] and len(fit["rounds"]) >= 2  # the first table missed by 2 dB
     assert fit["rounds"][-1]["psnr"] >= 30.0
     assert load_tuned_table(str(out)) == {layer: o.setting for layer, o in chosen.items()}

@@ -7,10 +7,19 @@
     acc.stats(); acc.remove()
 """
 
-from .attention import sparse_attention
-from .layout import VideoLayout
-from .params import Params
-from .plan import BlockPlan
+from pathlib import Path as _Path
+
+# In a source checkout kernels/, pipelines/ and configs/ sit beside this folder, while an install puts
+# them inside it. Python run from the checkout's root imports this folder even when the package is
+# installed, so let vdit_sparse.kernels (and the others) resolve there too.
+_checkout = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" / "block_sparse_attention.py").is_file():
+    __path__.append(str(_checkout))
+
+from .attention import sparse_attention  # noqa: E402
+from .layout import VideoLayout  # noqa: E402
+from .params import Params  # noqa: E402
+from .plan import BlockPlan  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -92,11 +92,13 @@ class Recorder:
         self._state.clear()  # a new prompt: methods start as they would in a fresh run
 
     def wrap(self, handle, model: str, attend):
-        def recording(layer, q, k, v, dense_fn):  # (B, N, H, D) each, as the processors hand them
-            out = attend(layer, q, k, v, dense_fn)  # the dense run itself
+        def recording(layer, q, k, v, dense_fn, dense: bool = False):  # (B, N, H, D) each, as the processors hand them
+            out = attend(layer, q, k, v, dense_fn, dense=dense)  # the dense run itself
             call = handle._current
             self.calls[layer] += 1
-            if self.sample_steps is None or call.step in self.sample_steps:
+            # dense=True: an input no plan can express (a padding mask); a tuned run computes it densely too
+            sampled = self.sample_steps is None or call.step in self.sample_steps
+            if sampled and not dense and q.shape[1] == call.layout.num_tokens:
                 self.observe(model, layer, call, q, k, v, out)
             return out
 
