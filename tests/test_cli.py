@@ -87,3 +87,13 @@ def test_compare_takes_leading_options(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing.txt" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_compile_time_is_reported_apart_from_generation(tmp_path, monkeypatch):
+    from vdit_sparse.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", *SMALL, "--out", "c.mp4", "compile=aot_eager"]) == 0
+    side = json.loads((tmp_path / "c.json").read_text())
+    assert side["config"]["compile"] == "aot_eager"
+    assert side["compile_s"] > 0 and side["wall_s"] > 0

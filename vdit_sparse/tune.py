@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
     p.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
     p.add_argument("--knob", choices=KNOBS, help="what varies per layer (default: threshold with --cache tileskip, else density)")
-    p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid)")
+    p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid; negative thresholds as --values=-10,-4)")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: 2 built-in)")
     p.add_argument("--holdout", metavar="FILE", help="held-out validation prompts, one per line (default: 2 built-in)")
     p.add_argument("--sampled-steps", type=int, default=3, help="steps observed per calibration run (default 3)")
@@ -410,6 +410,21 @@ def metadata(args, cfg, cost: CostModel, cal_prompts, steps_seen, chosen, dense_
 # --- the command ---------------------------------------------------------------------------------------
 
 
+def choose_table(args, pipe, options, cands, cal_requests, references, out: Path, meta_for):
+    """(chosen, metadata, PSNR fit or None) for the target, the table written to ``out``."""
+    fit = None
+    if args.target_error is not None:
+        chosen = search(args, options, args.target_error)
+        meta = meta_for(chosen)
+    else:
+        chosen, fit = tune_to_psnr(args, pipe, options, cands, cal_requests, references, out, meta_for({}))
+        meta = meta_for(chosen)
+        meta["target"]["error"] = fit["rounds"][-1]["searched_error"]
+        meta["calibration"]["psnr"] = fit["rounds"][-1]["psnr"]
+    write_table(out, chosen, meta)
+    return chosen, meta, fit
+
+
 def main(argv: list[str], pipe=None) -> int:
     """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
     from .generate import check_video_size, resolve, run_params
@@ -449,18 +464,10 @@ def main(argv: list[str], pipe=None) -> int:
     sparse_share = (cfg.model.steps - warmup) / cfg.model.steps
     options = layer_options(recorder, cands, cost, sparse_share, len(cal_prompts), dense_layers)
     dense_total = dense_cost(options, recorder, cost, len(cal_prompts))
-    fit = None
-    if args.target_error is not None:
-        chosen = search(args, options, args.target_error)
-        meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
-        write_table(out, chosen, meta)
-    else:
-        meta0 = metadata(args, cfg, cost, cal_prompts, steps_seen, {}, dense_total)
-        chosen, fit = tune_to_psnr(args, pipe, options, cands, cal_requests, references, out, meta0)
-        meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
-        meta["target"]["error"] = fit["rounds"][-1]["searched_error"]
-        meta["calibration"]["psnr"] = fit["rounds"][-1]["psnr"]
-        write_table(out, chosen, meta)
+    def meta_for(chosen):
+        return metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
+
+    chosen, meta, fit = choose_table(args, pipe, options, cands, cal_requests, references, out, meta_for)
     uniform = uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, len(cal_prompts), dense_layers, sparse_share)
     validation = None if args.no_validate else validate(args, pipe, base, holdout, out, uniform)
     report = write_report(out, meta, cands, options, chosen, validation, fit, {args.knob: uniform})
@@ -485,4 +492,5 @@ def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) ->
               f"(density {m['tuned']['density']:.3f}, attention speed-up {m['tuned']['attention_speedup']:.2f}x) | "
               f"uniform {u} of equal predicted cost: PSNR {m['uniform']['psnr']:.2f} dB "
               f"(density {m['uniform']['density']:.3f}, {m['uniform']['attention_speedup']:.2f}x)")
+        print(f"tuned minus uniform on held-out prompts: {m['tuned']['psnr'] - m['uniform']['psnr']:+.2f} dB")
     print(f"wrote {out} and {report} in {seconds:.0f} s")
