@@ -15,6 +15,14 @@ class Policy:
     # layer -> {"attention": name, or any canonical parameter}: a tuned table or hand overrides
     layers: dict[int, dict] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # per-layer overrides resolved once, not at every attention call
+        resolved = {}
+        for layer, override in self.layers.items():
+            rest = {k: v for k, v in override.items() if k != "attention"}
+            resolved[layer] = (override.get("attention", self.method), self.params.updated(**rest) if rest else self.params)
+        object.__setattr__(self, "_resolved", resolved)
+
     def warmup_count(self, num_steps: int | None) -> int:
         w = self.params.warmup_steps
         if w >= 1 or w == 0:
@@ -31,6 +39,5 @@ class Policy:
         """(method, parameters, cache) for one call; warm-up steps and dense layers run plain dense."""
         if step < self.warmup_count(num_steps) or self.is_dense_layer(layer):
             return "dense", self.params, "none"
-        override = dict(self.layers.get(layer, {}))
-        method = override.pop("attention", self.method)
-        return method, (self.params.updated(**override) if override else self.params), self.cache
+        method, params = self._resolved.get(layer, (self.method, self.params))
+        return method, params, self.cache
