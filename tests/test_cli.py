@@ -97,3 +97,17 @@ def test_compile_time_is_reported_apart_from_generation(tmp_path, monkeypatch):
     side = json.loads((tmp_path / "c.json").read_text())
     assert side["config"]["compile"] == "aot_eager"
     assert side["compile_s"] > 0 and side["wall_s"] > 0
+
+
+def test_generate_takes_a_tuned_table(tmp_path, monkeypatch):
+    from vdit_sparse.cli import main
+
+    table = tmp_path / "t.yaml"
+    table.write_text("layers:\n  1: {attention: svg, density: 0.5, block_size: 16}\n")  # 48 tokens: 3 blocks
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", *SMALL, "--out", "a.mp4", "--tuned", str(table)]) == 0
+    assert main(["generate", "a red circle", *SMALL, "--out", "b.mp4", f"tuned={table}"]) == 0
+    for name in ("a.json", "b.json"):
+        side = json.loads((tmp_path / name).read_text())
+        assert side["config"]["tuned"] == str(table)
+        assert side["density_per_layer"]["transformer.1"] < 1.0 and side["density_per_layer"]["transformer.0"] == 1.0

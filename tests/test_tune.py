@@ -195,7 +195,9 @@ def test_tune_command_writes_table_and_report(tmp_path, tiny_pipe, capsys):
     report = json.loads((tmp_path / "tuned" / "svg-small.report.json").read_text())
     meta = report["metadata"]
     assert meta["predicted"]["mean_error"] <= 0.5 and meta["cost_model"] == FALLBACK
-    assert report["validation"]["mean"]["tuned"]["psnr"] > 0
+    tuned_run = report["validation"]["mean"]["tuned"]
+    assert tuned_run["psnr"] > 0
+    assert tuned_run["density"] == pytest.approx(meta["predicted"]["mean_density"], abs=0.05)  # the table was applied
     html = (tmp_path / "tuned" / "svg-small.report.html").read_text()
     assert html.count("<svg") >= 2 and "proportional fallback" in html
     printed = capsys.readouterr().out

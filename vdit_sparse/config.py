@@ -30,12 +30,18 @@ def compose(overrides: list[str]):
         for o in overrides:
             if o.startswith(f"{group}=") and o.split("=", 1)[1] not in group_options(group):
                 raise UserError(f"{group}={o.split('=', 1)[1]!r}: unknown; known: {', '.join(group_options(group))}")
+    # configs/tuned/ holds tables, not a config group: Hydra would refuse `tuned=NAME`, so set it after
+    tuned = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.lstrip("+").startswith("tuned=")]
+    overrides = [o for o in overrides if not o.lstrip("+").startswith("tuned=")]
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            return hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"config overrides {' '.join(overrides)!r}: {first}") from None
+    if tuned:
+        cfg.tuned = None if tuned[-1] in ("null", "") else tuned[-1]
+    return cfg
 
 
 def load_tuned_table(name_or_path: str) -> dict:

@@ -94,7 +94,7 @@ class Recorder:
     def wrap(self, handle, model: str, attend):
         def recording(layer, q, k, v, dense_fn, dense: bool = False):  # (B, N, H, D) each, as the processors hand them
             out = attend(layer, q, k, v, dense_fn, dense=dense)  # the dense run itself
-            call = handle._current
+            call = handle.current_call
             self.calls[layer] += 1
             # dense=True: an input no plan can express (a padding mask); a tuned run computes it densely too
             sampled = self.sample_steps is None or call.step in self.sample_steps
