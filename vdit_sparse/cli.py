@@ -73,21 +73,18 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
+    from .generate import parse_generation_args
+
     parser = build_parser()
     if argv and argv[0] in _EXTRA_COMMANDS and _optional(_EXTRA_COMMANDS[argv[0]]) is not None:
         # these commands parse their own flags (argparse would not hand a leading option through)
         mod = _optional(_EXTRA_COMMANDS[argv[0]])
         return _guarded(lambda: mod.main(argv[1:]))
-    # KEY=VALUE overrides may follow flags; argparse leaves those over, so collect them here
-    args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides"):
-        stray = [e for e in extra if e.startswith("-")]
-        if stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray)}")
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return _guarded(lambda: args.run(args))
+    return _guarded(lambda: _run(parse_generation_args(parser, argv)))
+
+
+def _run(args) -> int:
+    return args.run(args)
 
 
 def _guarded(run) -> int:

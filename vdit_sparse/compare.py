@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -26,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .generate import GenerateRequest, GenerationResult, add_generation_args, request_from_args
+from .generate import (
+    OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, request_from_args,
+)
 from .params import Params
 
 HELP = "compare accelerated videos with dense ones from the same seeds; write metrics.json and report.html"
@@ -38,7 +39,6 @@ MEAN_SCALARS = (
     "wall_s", "reference_wall_s", "attention_ms", "reference_attention_ms",
 )
 MEAN_DICTS = ("vbench", "vbench_reference", "prompt_following", "prompt_following_reference")
-_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # Hydra KEY=VALUE
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Flags, with KEY=VALUE overrides allowed anywhere (argparse leaves late positionals over)."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if not _OVERRIDE.match(e)]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(args.overrides) + extra
-    return args
+    return parse_generation_args(build_parser(), argv)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """PROMPT or the lines of --prompts FILE, exactly one of them."""
-    if args.prompts is not None and args.prompt is not None and _OVERRIDE.match(args.prompt):
+    if args.prompts is not None and args.prompt is not None and OVERRIDE.match(args.prompt):
         args.overrides.insert(0, args.prompt)  # with --prompts, a KEY=VALUE positional is an override
         args.prompt = None
     if (args.prompt is None) == (args.prompts is None):

@@ -242,6 +242,22 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. attention.top_p=0.95")
 
 
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # a Hydra KEY=VALUE
+
+
+def parse_generation_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse flags with KEY=VALUE overrides allowed anywhere (argparse leaves those after flags over)."""
+    args, extra = parser.parse_known_args(argv)
+    flags = [e for e in extra if e.startswith("-")]
+    if flags:
+        raise UserError(f"unrecognized arguments: {' '.join(flags)}; see --help")
+    loose = [e for e in extra if not OVERRIDE.match(e)]
+    if loose:
+        raise UserError(f"override {loose[0]!r}: expected KEY=VALUE (e.g. attention.top_p=0.95)")
+    args.overrides = list(getattr(args, "overrides", [])) + extra
+    return args
+
+
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
     params = {}
     for key in ("density", "top_p", "warmup_steps"):

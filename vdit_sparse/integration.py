@@ -183,6 +183,11 @@ class AccelerateHandle:
         return out
 
     # --- reading results --------------------------------------------------------------------------
+    @property
+    def current_call(self) -> CallInfo | None:
+        """The transformer call in flight (model, branch, step, num_steps, layout), or None between calls."""
+        return self._current
+
     def stats(self) -> list[dict]:
         """One dict per self-attention call of the latest run: step, layer, branch, model, method, density, ms."""
         return self._stats.table() if self._stats.rows else self._last_run

@@ -17,7 +17,6 @@ attention error against dense stays within the target.
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .generate import GenerateRequest, add_generation_args, request_from_args
+from .generate import GenerateRequest, add_generation_args, parse_generation_args, request_from_args
 from .params import Params
 from .tune_calibrate import DEFAULT_VALUES, KNOBS, Candidate, Recorder, candidates, recording, sampled_steps
 from .tune_cost import CostModel, load_cost_model
@@ -34,7 +33,6 @@ from .tune_search import InfeasibleTarget, Option, choose, error_for_psnr, fit_p
 HELP = "find per-layer sparse-attention settings for a quality target; write configs/tuned/NAME.yaml and a report"
 CALIBRATION_PROMPTS = ("a red square moving right", "two blue circles moving up on a striped background")
 HOLDOUT_PROMPTS = ("a green triangle moving left", "a yellow ball moving down on a dark background")
-_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")
 
 
 # --- arguments ---------------------------------------------------------------------------------------
@@ -65,13 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if not _OVERRIDE.match(e)]
-    if stray:
-        raise UserError(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(args.overrides) + extra
-    return args
+    return parse_generation_args(build_parser(), argv)
 
 
 def check_args(args) -> None:
