@@ -1,11 +1,12 @@
 """End-to-end transformer forward: dense eager / compiled against each method, ratios from one run.
 
-One full forward of diffusers' WanTransformer3DModel at a real config with random weights (bf16 on
-CUDA). Every figure is a ratio against dense compiled from the same run, with the share of the time
+One full forward of diffusers' WanTransformer3DModel or HunyuanVideoTransformer3DModel at a real
+config with random weights (bf16 on CUDA). Every figure is a ratio against dense compiled from the same run, with the share of the time
 spent in self-attention (the handle's CUDA-event timings) and the peak memory.
 
     python scripts/bench_e2e.py --shape wan-1.3b-480p              # GPU, all methods
     python scripts/bench_e2e.py --shape wan-14b-720p --layers 8    # as many layers as fit
+    python scripts/bench_e2e.py --shape hunyuan-720p --layers 4
     python scripts/bench_e2e.py --shape tiny --device cpu --smoke   # checks the script itself
 
 svg2 runs warm: one untimed forward runs the cold k-means, timed forwards use the warm start.
@@ -22,40 +23,63 @@ import time
 import torch
 
 SHAPES = {
-    # name: (transformer config, latent (frames, height, width)); Wan VAE: 4x time, 8x space
-    "wan-1.3b-480p": (dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30), (21, 60, 104)),
-    "wan-14b-720p": (dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40), (21, 90, 160)),
-    "tiny": (dict(num_attention_heads=2, attention_head_dim=24, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32), (3, 8, 8)),
+    # name: (family, transformer config, latent (frames, height, width)); Wan VAE: 4x time, 8x space
+    "wan-1.3b-480p": ("wan", dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30), (21, 60, 104)),
+    "wan-14b-720p": ("wan", dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40), (21, 90, 160)),
+    # HunyuanVideo 720p x 129 frames: 33 latent frames of 45 x 80 tokens = 118,800 video tokens + text
+    "hunyuan-720p": ("hunyuan", dict(num_layers=20, num_single_layers=40), (33, 90, 160)),
+    "tiny": ("wan", dict(num_attention_heads=2, attention_head_dim=24, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32), (3, 8, 8)),
+    "tiny-hunyuan": ("hunyuan", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)), (3, 8, 8)),
 }
 
 
 def build(shape: str, layers: int | None, device, dtype):
-    from diffusers import WanTransformer3DModel
-
-    cfg, latent = SHAPES[shape]
+    """(model, forward kwargs) with random weights; ``layers`` caps the blocks (Hunyuan: double and single)."""
+    family, cfg, (f, h, w) = SHAPES[shape]
     cfg = dict(cfg)
-    if layers is not None:
-        cfg["num_layers"] = layers
-    cfg.setdefault("text_dim", 4096)
     torch.manual_seed(0)
-    model = WanTransformer3DModel(**cfg).to(device=device, dtype=dtype).eval()
-    f, h, w = latent
-    x = torch.randn(1, 16, f, h, w, device=device, dtype=dtype)
-    text = torch.randn(1, 512 if shape != "tiny" else 16, cfg["text_dim"], device=device, dtype=dtype)
-    t = torch.tensor([500], device=device)
-    return model, (x, t, text)
+    if family == "wan":
+        from diffusers import WanTransformer3DModel
+
+        if layers is not None:
+            cfg["num_layers"] = layers
+        cfg.setdefault("text_dim", 4096)
+        model = WanTransformer3DModel(**cfg)
+        text = 512 if not shape.startswith("tiny") else 16
+        inputs = dict(
+            hidden_states=torch.randn(1, 16, f, h, w), timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, text, cfg["text_dim"]),
+        )
+    else:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        if layers is not None:
+            cfg["num_layers"], cfg["num_single_layers"] = layers, 2 * layers
+        model = HunyuanVideoTransformer3DModel(**cfg)
+        c = model.config
+        text = 256 if not shape.startswith("tiny") else 6
+        inputs = dict(
+            hidden_states=torch.randn(1, c.in_channels, f, h, w), timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, text, c.text_embed_dim),
+            encoder_attention_mask=torch.ones(1, text, dtype=torch.long),  # no padding: every call can be sparse
+            pooled_projections=torch.randn(1, c.pooled_projection_dim), guidance=torch.tensor([6000.0]),
+        )
+    model = model.to(device=device, dtype=dtype).eval()
+    cast = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and k != "guidance" else v.to(device) for k, v in inputs.items()}
+    return model, cast
 
 
-def timed(model, inputs, repeats: int, device) -> float:
+def timed(model, inputs: dict, repeats: int, device) -> float:
     """Median milliseconds of one forward (after one untimed forward)."""
-    x, t, text = inputs
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
             sync()
             t0 = time.perf_counter()
-            model(hidden_states=x, timestep=t, encoder_hidden_states=text)
+            model(**inputs)
             sync()
             if i:
                 times.append((time.perf_counter() - t0) * 1e3)
