@@ -11,22 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vdit_sparse.plan import BlockPlan
+from vdit_sparse.plan import BlockPlan, plan_order, segment_ids
 
 # Scores of one chunk hold at most about this many floats (64 MB).
 MAX_CHUNK_ELEMENTS = 1 << 24
-
-
-def _segment_of(offsets: torch.Tensor, n: int) -> torch.Tensor:
-    """(G, N) int64: the segment each plan position falls in."""
-    pos = torch.arange(n, device=offsets.device, dtype=offsets.dtype).expand(offsets.shape[0], n).contiguous()
-    return torch.searchsorted(offsets[:, 1:].contiguous(), pos, right=True).long()
-
-
-def _plan_order(x: torch.Tensor, perm) -> torch.Tensor:
-    """(G, N, D) float32 rows of x (G, N, D) in plan order: position i holds model token perm[g, i]."""
-    x = x.float()
-    return x if perm is None else torch.gather(x, 1, perm.long()[..., None].expand(-1, -1, x.shape[2]))
 
 
 def masked_rows_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, tile_stats=False, reverse=False, out=None):
@@ -35,11 +23,11 @@ def masked_rows_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, 
     G, Dv = plan.groups, v.shape[3]
     Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
     Sk = plan.k_offsets.shape[1] - 1
-    qg = _plan_order(q.reshape(G, N, D), plan.q_perm)  # (G, N, D)
-    kg = _plan_order(k.reshape(G, N, D), plan.k_perm)
-    vg = _plan_order(v.reshape(G, N, Dv), plan.k_perm)
-    q_seg, k_seg = _segment_of(plan.q_offsets, N), _segment_of(plan.k_offsets, N)  # (G, N)
-    valid = torch.arange(L, device=q.device) < plan.kv_count[..., None]  # (G, Sq, L)
+    qg = plan_order(q.reshape(G, N, D).float(), plan.q_perm)  # (G, N, D) float32
+    kg = plan_order(k.reshape(G, N, D).float(), plan.k_perm)
+    vg = plan_order(v.reshape(G, N, Dv).float(), plan.k_perm)
+    q_seg, k_seg = segment_ids(plan.q_offsets, N), segment_ids(plan.k_offsets, N)  # (G, N)
+    valid = plan.valid_entries()  # (G, Sq, L)
     if skip is not None:
         valid = valid & ~skip
     entries = torch.where(valid, plan.kv_index.long(), Sk)  # invalid entries point at a spare column

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from vdit_sparse.plan import BlockPlan
+from vdit_sparse.plan import BlockPlan, plan_order, segment_ids
 
 
 def reference_attention(q, k, v, plan: BlockPlan, scale: float | None = None) -> torch.Tensor:
@@ -41,11 +41,11 @@ def reference_tile_stats(q, k, plan: BlockPlan, scale: float | None = None, skip
     G, Sq, L = plan.kv_index.shape
     n, d = q.shape[2], q.shape[3]
     Sk = plan.k_offsets.shape[1] - 1
-    qg = _plan_order(q.reshape(G, n, d).float(), plan.q_perm)  # (G, N, D)
-    kg = _plan_order(k.reshape(G, n, d).float(), plan.k_perm)
+    qg = plan_order(q.reshape(G, n, d).float().cpu(), None if plan.q_perm is None else plan.q_perm.cpu())  # (G, N, D)
+    kg = plan_order(k.reshape(G, n, d).float().cpu(), None if plan.k_perm is None else plan.k_perm.cpu())
     scores = torch.einsum("gnd,gmd->gnm", qg, kg) * scale  # (G, N, N) plan order
-    k_seg = _segment_of(plan.k_offsets, n)  # (G, N)
-    q_seg = _segment_of(plan.q_offsets, n)
+    k_seg = segment_ids(plan.k_offsets.cpu(), n)  # (G, N)
+    q_seg = segment_ids(plan.q_offsets.cpu(), n)
     seg_max = torch.full((G, n, Sk), float("-inf"))
     seg_max.scatter_reduce_(2, k_seg[:, None, :].expand(-1, n, -1), scores, reduce="amax")  # (G, N, Sk)
     valid = torch.arange(L) < plan.kv_count[..., None].cpu()  # (G, Sq, L)
@@ -62,17 +62,3 @@ def reference_tile_stats(q, k, plan: BlockPlan, scale: float | None = None, skip
     stats = torch.full((G, Sq, L), float("-inf"))
     stats.scatter_reduce_(1, q_seg[..., None].expand(-1, -1, L), rel, reduce="amax")
     return stats.to(q.device)
-
-
-def _plan_order(x: torch.Tensor, perm) -> torch.Tensor:
-    """(G, N, D) rows of x in plan order: plan position i holds model token perm[g, i]."""
-    if perm is None:
-        return x.cpu()
-    return torch.gather(x.cpu(), 1, perm.long().cpu()[..., None].expand(-1, -1, x.shape[2]))
-
-
-def _segment_of(offsets: torch.Tensor, n: int) -> torch.Tensor:
-    """(G, N) int64: the segment each plan position falls in."""
-    off = offsets.long().cpu()
-    pos = torch.arange(n).expand(off.shape[0], n).contiguous()
-    return torch.searchsorted(off[:, 1:].contiguous(), pos, right=True)

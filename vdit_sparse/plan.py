@@ -39,21 +39,26 @@ class BlockPlan:
     def groups(self) -> int:
         return self.batch * self.heads
 
-    def density(self) -> torch.Tensor:
-        """(B, H) float32: computed (query, key) pairs over N², counted exactly from segment sizes."""
+    def valid_entries(self) -> torch.Tensor:
+        """(G, Sq, L) bool: the kv_index entries that are listed (before kv_count)."""
+        return torch.arange(self.kv_index.shape[2], device=self.kv_index.device) < self.kv_count[..., None]
+
+    def pairs(self, entries: torch.Tensor | None = None) -> torch.Tensor:
+        """(G,) float32 (query, key) token pairs in the ``entries`` (G, Sq, L) bool; default: every listed one."""
+        entries = self.valid_entries() if entries is None else entries
         q_sizes = self.q_offsets.diff(dim=1).float()  # (G, Sq)
         k_sizes = self.k_offsets.diff(dim=1).float()  # (G, Sk)
-        valid = torch.arange(self.kv_index.shape[2], device=self.kv_index.device) < self.kv_count[..., None]
         idx = self.kv_index.long().clamp(0, k_sizes.shape[1] - 1)
-        kept = torch.gather(k_sizes[:, None, :].expand(-1, idx.shape[1], -1), 2, idx) * valid  # (G, Sq, L)
-        pairs = (kept.sum(2) * q_sizes).sum(1)  # (G,)
-        return (pairs / float(self.num_tokens) ** 2).view(self.batch, self.heads)
+        kept = torch.gather(k_sizes[:, None, :].expand(-1, idx.shape[1], -1), 2, idx) * entries  # (G, Sq, L)
+        return (kept.sum(2) * q_sizes).sum(1)
+
+    def density(self) -> torch.Tensor:
+        """(B, H) float32: computed (query, key) pairs over N², counted exactly from segment sizes."""
+        return (self.pairs() / float(self.num_tokens) ** 2).view(self.batch, self.heads)
 
     def drop(self, skip: torch.Tensor) -> "BlockPlan":
         """The plan without the listed entries; ``skip`` (G, Sq, L) bool marks kv_index entries to remove."""
-        L = self.kv_index.shape[2]
-        valid = torch.arange(L, device=skip.device) < self.kv_count[..., None]
-        keep = valid & ~skip
+        keep = self.valid_entries() & ~skip
         # stable sort moves kept entries to the front, in their original order
         order = torch.sort((~keep).to(torch.int8), dim=2, stable=True).indices
         kv_index = torch.gather(self.kv_index, 2, order)
@@ -76,8 +81,7 @@ class BlockPlan:
             raise ValueError(f"BlockPlan.kv_count/kv_index: expected leading shape ({G}, {Sq})")
         if (self.kv_count < 0).any() or (self.kv_count > self.kv_index.shape[2]).any():
             raise ValueError("BlockPlan.kv_count: must lie in [0, kv_index.shape[2]]")
-        valid = torch.arange(self.kv_index.shape[2], device=self.kv_index.device) < self.kv_count[..., None]
-        listed = self.kv_index[valid]
+        listed = self.kv_index[self.valid_entries()]
         if listed.numel() and (listed.min() < 0 or listed.max() >= Sk):
             raise ValueError(f"BlockPlan.kv_index: listed key segments must lie in [0, {Sk})")
         for name in ("q_perm", "k_perm"):
@@ -93,11 +97,10 @@ class BlockPlan:
         """(B, H, N, N) bool in model order. O(N²): for tests and references at small N only."""
         G, n = self.groups, self.num_tokens
         Sk = self.k_offsets.shape[1] - 1
-        q_seg = _segment_ids(self.q_offsets, n)  # (G, N) plan position -> segment
-        k_seg = _segment_ids(self.k_offsets, n)
+        q_seg = segment_ids(self.q_offsets, n)  # (G, N) plan position -> segment
+        k_seg = segment_ids(self.k_offsets, n)
         sel = torch.zeros(G, self.q_offsets.shape[1] - 1, Sk + 1, dtype=torch.bool, device=self.kv_index.device)
-        valid = torch.arange(self.kv_index.shape[2], device=sel.device) < self.kv_count[..., None]
-        idx = torch.where(valid, self.kv_index.long(), Sk)  # invalid entries go to a spare column
+        idx = torch.where(self.valid_entries(), self.kv_index.long(), Sk)  # invalid entries go to a spare column
         sel.scatter_(2, idx, True)
         sel = sel[..., :Sk]
         plan_mask = torch.gather(sel, 1, q_seg.long()[..., None].expand(-1, -1, Sk))  # (G, N, Sk)
@@ -113,10 +116,15 @@ class BlockPlan:
         return plan_mask.view(self.batch, self.heads, n, n)
 
 
-def _segment_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
-    """(G, N) int: the segment each plan position falls in."""
+def segment_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """(G, N) int64: the segment each plan position falls in, for segment boundaries ``offsets`` (G, S + 1)."""
     pos = torch.arange(n, device=offsets.device, dtype=offsets.dtype).expand(offsets.shape[0], n).contiguous()
-    return torch.searchsorted(offsets[:, 1:].contiguous(), pos, right=True)
+    return torch.searchsorted(offsets[:, 1:].contiguous(), pos, right=True).long()
+
+
+def plan_order(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """(G, N, D) rows of x (G, N, D) in plan order: plan position i holds model token perm[g, i]."""
+    return x if perm is None else torch.gather(x, 1, perm.long()[..., None].expand(-1, -1, x.shape[2]))
 
 
 def uniform_offsets(n: int, block: int, groups: int, device=None) -> torch.Tensor:

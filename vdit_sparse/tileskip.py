@@ -47,19 +47,6 @@ def threshold_at(threshold: float, step: int, num_steps: int | None) -> float:
     return threshold * (2.0 - min(step, num_steps) / num_steps)
 
 
-def _entry_valid(plan: BlockPlan) -> torch.Tensor:
-    return torch.arange(plan.kv_index.shape[2], device=plan.kv_index.device) < plan.kv_count[..., None]  # (G, Sq, L)
-
-
-def _pairs(plan: BlockPlan, entries: torch.Tensor) -> torch.Tensor:
-    """(G,) number of (query, key) token pairs in the plan entries selected by ``entries`` (G, Sq, L)."""
-    q_sizes = plan.q_offsets.diff(dim=1).float()  # (G, Sq)
-    k_sizes = plan.k_offsets.diff(dim=1).float()  # (G, Sk)
-    idx = plan.kv_index.long().clamp(0, k_sizes.shape[1] - 1)
-    k_of_entry = torch.gather(k_sizes[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)  # (G, Sq, L)
-    return (k_of_entry * entries * q_sizes[..., None]).sum((1, 2))
-
-
 def run_with_tileskip(q, k, v, plan: BlockPlan, state: dict, *, step: int, num_steps: int | None,
                       threshold: float, refresh_every: int, identity: torch.Tensor | None = None):
     """Run ``plan`` minus the tiles marked at earlier calls; update the marks. Returns (out, computed plan, stats)."""
@@ -78,7 +65,7 @@ def run_with_tileskip(q, k, v, plan: BlockPlan, state: dict, *, step: int, num_s
         cached.marks[changed] = False
     cached.identity = identity
 
-    valid = _entry_valid(plan)
+    valid = plan.valid_entries()
     idx = plan.kv_index.long().clamp(0, Sk - 1)  # (G, Sq, L)
     skip = torch.gather(cached.marks, 2, idx) & valid  # marked tiles among this plan's entries
     out, tile_stats = block_sparse_attention(
@@ -93,7 +80,7 @@ def run_with_tileskip(q, k, v, plan: BlockPlan, state: dict, *, step: int, num_s
     cached.calls += 1
 
     # statistics stay tensors: reading them here would synchronise the GPU on every call
-    planned, skipped = _pairs(plan, valid).sum(), _pairs(plan, skip).sum()
+    planned, skipped = plan.pairs().sum(), plan.pairs(skip).sum()
     cached.planned_pairs = cached.planned_pairs + planned
     cached.skipped_pairs = cached.skipped_pairs + skipped
     stats = {
