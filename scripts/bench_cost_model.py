@@ -138,7 +138,7 @@ def measure_shape(name: str, args, device, dtype) -> dict:
 
 def main() -> None:
     from vdit_sparse.generate import versions
-    from vdit_sparse.quality.atomicfile import atomic_write_json
+    from vdit_sparse.atomicfile import atomic_write_json
     from vdit_sparse.tune_cost import FORMAT, load_cost_model
 
     args = parse_args()

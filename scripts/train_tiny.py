@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vdit_sparse import shapes_world
+from vdit_sparse.atomicfile import atomic_write
 from vdit_sparse.pipelines.tiny import (
     MAX_TEXT_TOKENS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_tokenizer,
 )
@@ -130,10 +130,10 @@ def save_checkpoint(state: dict, ckpt_dir: Path, name: str) -> None:
     parts = []
     for k, start in enumerate(range(0, len(data), PART_BYTES)):
         part = f"{name}-{state['step']:07d}.part{k}"
-        _write_atomic(ckpt_dir / part, data[start : start + PART_BYTES])
+        atomic_write(ckpt_dir / part, data[start : start + PART_BYTES])
         parts.append(part)
     manifest = dict(name=name, step=state["step"], parts=parts, sha256=hashlib.sha256(data).hexdigest())
-    _write_atomic(ckpt_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())
+    atomic_write(ckpt_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())
     for old in ckpt_dir.glob(f"{name}-*.part*"):
         if old.name not in parts:
             old.unlink()
@@ -149,15 +149,6 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> dict | None:
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise RuntimeError(f"checkpoint {manifest_path}: parts do not match its sha256; delete it to restart")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def optimizer_state(optimizer, dtype: torch.dtype) -> dict:

@@ -12,14 +12,15 @@ from .errors import UserError
 
 def _generate(args) -> int:
     from .generate import default_out, request_from_args, run_generation, sidecar
-    from .video import check_output, sidecar_path, write_json, write_video
+    from .atomicfile import atomic_write_json
+    from .video import check_output, sidecar_path, write_video
 
     req = request_from_args(args, args.prompt)
     out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
     check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
     result = run_generation(req)
     write_video(out, result.frames, fps=int(result.config["model"]["fps"]))
-    write_json(sidecar_path(out), sidecar(result))
+    atomic_write_json(sidecar_path(out), sidecar(result))
     print(f"wrote {out} ({result.frames.shape[0]} frames, {result.wall_s:.1f} s, density {result.density:.3f}) "
           f"and {sidecar_path(out)}")
     return 0

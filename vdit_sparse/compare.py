@@ -269,7 +269,7 @@ def identity(pairs: list[Pair], against: str) -> dict:
 
 def claim_report_dir(report: Path, ident: dict, overwrite: bool) -> None:
     """Make ``report`` hold this comparison: new, resumed, or (with ``overwrite``) replaced."""
-    from .quality.atomicfile import atomic_write_json
+    from .atomicfile import atomic_write_json
 
     marker = report / "comparison.json"
     if report.exists() and not report.is_dir():
@@ -398,7 +398,7 @@ def _load(key: str, cache: RunStore, runs: RunStore) -> GenerationResult:
 
 def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore, lpips: bool) -> list[dict]:
     """Every pair's entry, measured once and kept under DIR/pairs for a resumed comparison."""
-    from .quality.atomicfile import atomic_write_json
+    from .atomicfile import atomic_write_json
 
     entries = []
     with _progress(len(pairs), "measuring") as bar:

@@ -330,7 +330,7 @@ def _with_params(req: GenerateRequest, params: dict) -> GenerateRequest:
 def write_table(path: Path, chosen: dict[int, Option], meta: dict) -> None:
     import yaml
 
-    from .quality.atomicfile import atomic_write
+    from .atomicfile import atomic_write
 
     header = "# vdit-sparse tuned table, written by `vdit-sparse tune`; use: generate --tuned NAME, accelerate(pipe, tuned=...)\n"
     body = {"metadata": meta, "layers": {int(layer): dict(o.setting) for layer, o in chosen.items()}}

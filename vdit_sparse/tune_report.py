@@ -139,7 +139,7 @@ def render(meta, cands, options, chosen, validation, fit, uniform) -> str:
 
 def write_report(table: Path, meta, cands, options, chosen, validation, fit, uniform) -> Path:
     """Write NAME.report.html and NAME.report.json beside the table; returns the HTML path."""
-    from .quality.atomicfile import atomic_write, atomic_write_json
+    from .atomicfile import atomic_write, atomic_write_json
 
     html_path, json_path = report_paths(table)
     data = {

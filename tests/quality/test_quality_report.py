@@ -14,8 +14,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from vdit_sparse.quality import atomicfile, compare_videos, plots
-from vdit_sparse.quality.atomicfile import atomic_write
+from vdit_sparse import atomicfile
+from vdit_sparse.quality import compare_videos, plots
+from vdit_sparse.atomicfile import atomic_write
 from vdit_sparse.quality.report import ReportEntry, density_matrix, render_html, write_report
 from vdit_sparse.quality.video import encode_mp4, side_by_side
 

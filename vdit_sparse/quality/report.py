@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .atomicfile import atomic_write, metrics_json
+from ..atomicfile import atomic_write, metrics_json
 from .video import DIFF_FULL_SCALE, encode_mp4, side_by_side
 
 MIN_VIDEO_WIDTH = 720  # pixels: narrower side-by-side videos are enlarged by a whole factor

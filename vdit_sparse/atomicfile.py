@@ -37,8 +37,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 
 
 def metrics_json(obj) -> str:
-    """``json.dumps(obj, indent=2)``: an infinite PSNR is written as ``Infinity``, which Python's json reads back."""
-    return json.dumps(obj, indent=2) + "\n"
+    """``json.dumps(obj, indent=2)``: an infinite PSNR is written as ``Infinity``, which Python's json reads back;
+    values JSON has no type for (paths, dtypes) are written as their text."""
+    return json.dumps(obj, indent=2, default=str) + "\n"
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
