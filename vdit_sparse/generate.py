@@ -127,6 +127,28 @@ def check_video_size(pipe, frames: int, height: int, width: int) -> None:
             raise UserError(f"{name}={value!r}: this model takes multiples of {mult} (e.g. {mult * 8}, {mult * 16})")
 
 
+def call_pipeline(pipe, cfg, steps: int | None = None, on_step=None) -> np.ndarray:
+    """(T, H, W, 3) float32 frames in [0, 1] of one call of ``pipe`` with the resolved config ``cfg``.
+
+    ``steps`` overrides the config's step count; ``on_step()`` runs after each denoising step.
+    """
+    import torch
+
+    def step_end(pipeline, step, timestep, callback_kwargs):
+        on_step()
+        return callback_kwargs
+
+    m = cfg.model
+    with torch.inference_mode():
+        out = pipe(
+            prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, num_frames=m.frames, height=m.height,
+            width=m.width, num_inference_steps=m.steps if steps is None else steps, guidance_scale=m.guidance_scale,
+            max_sequence_length=m.max_sequence_length, generator=torch.Generator(device="cpu").manual_seed(int(cfg.seed)),
+            output_type="np", callback_on_step_end=step_end if on_step is not None else None,
+        )
+    return np.asarray(out.frames[0], dtype=np.float32)
+
+
 def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True) -> GenerationResult:
     """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given)."""
     import torch
@@ -154,26 +176,19 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     except ValueError as e:
         raise UserError(str(e)) from None
     def call(steps: int):
-        generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            result = pipe(
-                prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, num_frames=m.frames, height=m.height,
-                width=m.width, num_inference_steps=steps, guidance_scale=m.guidance_scale,
-                max_sequence_length=m.max_sequence_length, generator=generator, output_type="np",
-            )
+        frames = call_pipeline(pipe, cfg, steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return result, time.perf_counter() - t0
+        return frames, time.perf_counter() - t0
 
     try:
         # with compile, a one-step run first pays the compilation, reported apart from the generation
         compile_s = call(1)[1] if cfg.compile else None
-        out, wall = call(m.steps)
+        frames_float, wall = call(m.steps)
         table = handle.stats()
     finally:
         handle.remove()
-    frames_float = np.asarray(out.frames[0], dtype=np.float32)  # (T, H, W, 3)
     from .video import to_uint8
 
     summary = summarize(table)

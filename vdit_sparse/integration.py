@@ -196,7 +196,7 @@ class AccelerateHandle:
         return summarize(self.stats())
 
 
-def _transformers(pipe) -> list[tuple[str, torch.nn.Module]]:
+def transformers_of(pipe) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(pipe, torch.nn.Module) and hasattr(pipe, "config") and not hasattr(pipe, "transformer"):
         return [("transformer", pipe)]
     found = [(name, getattr(pipe, name)) for name in ("transformer", "transformer_2") if getattr(pipe, name, None) is not None]
@@ -224,7 +224,7 @@ def accelerate(
     layers = _load_tuned(tuned) if tuned is not None else {}
     handle = AccelerateHandle(pipe, Policy(attention, params, cache=cache, layers=layers), cache)
     try:
-        for name, transformer in _transformers(pipe):
+        for name, transformer in transformers_of(pipe):
             handle._install(name, transformer)
         if compile:
             handle._compile("inductor" if compile is True else compile)

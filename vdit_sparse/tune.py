@@ -146,28 +146,11 @@ def read_prompts(path: str | None, default: tuple[str, ...], flag: str) -> list[
 
 
 def dense_run_frames(pipe, cfg, on_step=None) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of one run of ``pipe`` with the resolved config ``cfg``, as generate runs it.
-
-    ``on_step()`` is called after each denoising step (progress).
-    """
-    import torch
-
+    """(T, H, W, 3) uint8 frames of one run of ``pipe`` with the resolved config ``cfg``, as generate runs it."""
+    from .generate import call_pipeline
     from .video import to_uint8
 
-    def step_end(pipeline, step, timestep, callback_kwargs):
-        if on_step is not None:
-            on_step()
-        return callback_kwargs
-
-    m = cfg.model
-    with torch.inference_mode():
-        out = pipe(
-            prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, num_frames=m.frames, height=m.height,
-            width=m.width, num_inference_steps=m.steps, guidance_scale=m.guidance_scale,
-            max_sequence_length=m.max_sequence_length, generator=torch.Generator(device="cpu").manual_seed(int(cfg.seed)),
-            output_type="np", callback_on_step_end=step_end,
-        )
-    return to_uint8(np.asarray(out.frames[0], dtype=np.float32))
+    return to_uint8(call_pipeline(pipe, cfg, on_step=on_step))
 
 
 def _bar(total: int, desc: str, unit: str = "run"):

@@ -133,19 +133,15 @@ class Recorder:
         return sorted(self.shapes)
 
 
-def transformers(pipe) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, getattr(pipe, n)) for n in ("transformer", "transformer_2") if getattr(pipe, n, None) is not None]
-
-
 @contextmanager
 def recording(pipe, recorder: Recorder):
     """The pipeline, accelerated with dense attention and recorded by ``recorder``, until the block ends."""
-    from .integration import accelerate
+    from .integration import accelerate, transformers_of
     from .pipelines import adapter_for
 
     handle = accelerate(pipe, attention="dense")
     try:
-        for name, transformer in transformers(pipe):
+        for name, transformer in transformers_of(pipe):
             for _, module in adapter_for(transformer).self_attention(transformer):
                 module.processor.attend = recorder.wrap(handle, name, module.processor.attend)
         yield handle
