@@ -5,6 +5,14 @@
     python scripts/train_tiny.py --stage export --ckpt-dir ckpt --out vdit_sparse/data/tiny
     python scripts/train_tiny.py --stage eval --ckpt-dir ckpt --out vdit_sparse/data/tiny   # prompt following
     python scripts/train_tiny.py --smoke --stage vae --steps 2 --ckpt-dir /tmp/c   # micro scale, CPU
+    python scripts/train_tiny.py --recipe cpu --stage dit --minutes 60 --ckpt-dir ckpt   # no GPU: see below
+
+Recipes: ``h100`` (the default) trains the VAE on full 25-frame clips and every DiT step on full
+25-frame 128 x 128 clips, batch 32. ``cpu`` is for trying the recipe without a GPU: the VAE trains on
+64 x 64 crops, and the DiT first learns the world on 25-frame 64 x 64 clips (448 tokens), then adapts
+to the full 1,792-token clips. On the 2-core development machine it did not reach a usable VAE in an
+hour (docs/embedded_model.md says what it learned); it is kept for experiments at small scale.
+Phases are fixed by step number, so a resumed run still sees exactly the data of one long run.
 
 Every stage builds the real diffusers / transformers classes (AutoencoderKLWan,
 WanTransformer3DModel, UMT5EncoderModel with the word-level tokenizer of pipelines/tiny.py), and
@@ -59,8 +67,13 @@ class Recipe:
     width: int
     vae: dict = field(default_factory=dict)
     dit: dict = field(default_factory=dict)
-    vae_frames: int = 9  # the VAE is causal and convolutional: it trains on shorter clips
+    vae_frames: int = 9  # the VAE is causal and convolutional: it can train on shorter, smaller clips
+    vae_size: int | None = None  # side of the VAE's training clips; None: the recipe's height x width
     vae_batch: int = 8
+    # None: decode a sample of the posterior (a standard VAE). A float: decode the posterior mean plus Gaussian
+    # noise of this std. With kl_weight 1e-4, sampling kept the posterior std near 1 for 1,000 CPU steps, and
+    # the decoder, fed latents that noisy, reproduced neither colour nor texture; the mean trains far faster.
+    vae_latent_noise: float | None = None
     vae_lr: float = 3e-4
     kl_weight: float = 1e-4  # on the per-element KL; keeps the posterior from collapsing
     dit_batch: int = 32
@@ -72,15 +85,34 @@ class Recipe:
     stat_clips: int = 64  # clips whose VAE latents set latents_mean / latents_std
     moments_dtype: str = "bfloat16"  # Adam moments on disk: bf16 keeps the DiT checkpoint carryable
     save_every_min: float = 3.0
+    # Low-resolution DiT phase: (steps, frames, side, batch) trained before the full-size clips, or None.
+    dit_low_res: tuple[int, int, int, int] | None = None
+
+    def dit_clips(self, step: int) -> tuple[int, int, int, int]:
+        """(frames, height, width, batch) of DiT step ``step``."""
+        if self.dit_low_res is not None and step < self.dit_low_res[0]:
+            _, frames, side, batch = self.dit_low_res
+            return frames, side, side, batch
+        return self.frames, self.height, self.width, self.dit_batch
 
 
-DEFAULT = Recipe(frames=25, height=128, width=128, vae=dict(VAE_CONFIG), dit=dict(TRANSFORMER_CONFIG))  # pipelines/tiny.py's shapes
+# pipelines/tiny.py's shapes. The VAE trains on whole 25-frame clips: one trained on 9-frame clips only drifted
+# (darker, blurrier) on the latent frames it had never seen, when decoding 25 frames.
+DEFAULT = Recipe(frames=25, height=128, width=128, vae=dict(VAE_CONFIG), dit=dict(TRANSFORMER_CONFIG),
+                 vae_frames=25, vae_batch=4, vae_latent_noise=0.05)
+
+CPU = dataclasses.replace(
+    DEFAULT, vae_size=64, vae_batch=2, vae_lr=1e-3, warmup_steps=100,
+    dit_batch=4, dit_lr=1e-3, ema_decay=0.995, dit_low_res=(2000, 25, 64, 8), stat_clips=16,
+)
 
 SMOKE = dataclasses.replace(
-    DEFAULT, frames=5, height=32, width=32, vae_frames=5, vae_batch=2, dit_batch=2, warmup_steps=2, stat_clips=2,
-    moments_dtype="float32", vae=dict(DEFAULT.vae, base_dim=4),
+    DEFAULT, frames=5, height=48, width=48, vae_frames=5, vae_size=32, vae_batch=2, dit_batch=2, warmup_steps=2, stat_clips=2,
+    moments_dtype="float32", vae=dict(DEFAULT.vae, base_dim=4), dit_low_res=(1, 5, 32, 2), vae_latent_noise=0.05,
     dit=dict(DEFAULT.dit, num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32, num_layers=1),
 )
+
+RECIPES = {"h100": DEFAULT, "cpu": CPU, "smoke": SMOKE}
 
 
 # ---------------------------------------------------------------- components
@@ -153,11 +185,12 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> dict | None:
 
 def optimizer_state(optimizer, dtype: torch.dtype) -> dict:
     """The optimizer's state dict with its moment tensors cast to ``dtype`` (bf16 halves them)."""
-    state = optimizer.state_dict()
-    for per_param in state["state"].values():
-        for key, value in per_param.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                per_param[key] = value.to(dtype)
+    state = optimizer.state_dict()  # its per-parameter dicts are the live ones: build new ones, never cast in place
+    state["state"] = {
+        index: {key: value.to(dtype) if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in per_param.items()}
+        for index, per_param in state["state"].items()
+    }
     return state
 
 
@@ -194,10 +227,14 @@ def flow_matching_batch(x0: torch.Tensor, shift: float, generator: torch.Generat
     return (1 - s) * x0 + s * eps, sigma, eps - x0
 
 
-def vae_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Generator):
-    """L1 + MSE reconstruction of video (B, 3, T, H, W) in [-1, 1], plus kl_weight * mean KL per latent."""
+def vae_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Generator, latent_noise: float | None = None):
+    """L1 + MSE reconstruction of video (B, 3, T, H, W) in [-1, 1], plus kl_weight * mean KL per latent.
+
+    The decoder sees a posterior sample, or with ``latent_noise`` the posterior mean plus noise of that std.
+    """
     posterior = vae.encode(video).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, device=video.device, generator=generator)
+    std = posterior.std if latent_noise is None else latent_noise
+    z = posterior.mean + std * torch.randn(posterior.mean.shape, device=video.device, generator=generator)
     recon = vae.decode(z).sample
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
     rec = (recon.float() - video).abs().mean() + (recon.float() - video).pow(2).mean()
@@ -280,10 +317,12 @@ def train_vae(args, recipe: Recipe, device, autocast) -> dict:
         t0 = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe.vae_lr, recipe.warmup_steps)
-        video, _ = shapes_world.render_batch(_stream(args.seed, "vae"), step, recipe.vae_batch, recipe.vae_frames,
-                                             recipe.height, recipe.width, device=device)
+        side = recipe.vae_size or recipe.height
+        video, _ = shapes_world.render_batch(_stream(args.seed, "vae"), step, recipe.vae_batch, recipe.vae_frames, side,
+                                             side * recipe.width // recipe.height, device=device)
         with autocast():
-            loss, rec = vae_loss(vae, video, recipe.kl_weight, step_generator(args.seed, "vae", step, device))
+            loss, rec = vae_loss(vae, video, recipe.kl_weight, step_generator(args.seed, "vae", step, device),
+                                 recipe.vae_latent_noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -334,8 +373,9 @@ def train_dit(args, recipe: Recipe, device, autocast) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe.dit_lr, recipe.warmup_steps)
         generator = step_generator(args.seed, "dit", step, device)
-        video, captions = shapes_world.render_batch(_stream(args.seed, "dit"), step, recipe.dit_batch, recipe.frames,
-                                                    recipe.height, recipe.width, device=device)
+        frames, height, width, batch = recipe.dit_clips(step)
+        video, captions = shapes_world.render_batch(_stream(args.seed, "dit"), step, batch, frames, height, width,
+                                                    device=device)
         with autocast():
             x0 = (encode_latents(vae, video) - mean_t) / std_t  # (B, 16, T', H', W')
         drop = torch.rand(len(captions), device=device, generator=generator) < recipe.caption_drop
@@ -392,33 +432,77 @@ def export(args, recipe: Recipe) -> dict:
 
 @torch.no_grad()
 def evaluate(args, recipe: Recipe, device) -> dict:
-    """Prompt following of the exported pipeline on ``--eval-clips`` held-out and training prompts.
+    """Prompt following and svg head classes of the exported pipeline, at the product's default settings.
 
-    Writes ``<out>/eval.json``: per split the rates of prompt_following_accuracy, plus the settings.
+    Writes ``<out>/eval.json``: per split in ``--eval-splits`` the rates of prompt_following_accuracy over
+    ``--eval-clips`` prompts (and each clip's detections), then, over ``--svg-clips`` held-out prompts, the
+    share of spatial / temporal / dense heads per layer that ``attention="svg"`` chose.
     """
     from diffusers import WanPipeline
 
-    from vdit_sparse.quality.prompt_following import prompt_following_accuracy
+    import vdit_sparse
+    from vdit_sparse.quality.prompt_following import prompt_following, prompt_following_accuracy
 
     if not (args.out / "model_index.json").exists():
         raise SystemExit(f"--out {args.out}: no model_index.json there; run --stage export first")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = WanPipeline.from_pretrained(args.out, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+
+    def generate(prompt: str, seed: int):
+        frames = pipe(prompt, num_frames=recipe.frames, height=recipe.height, width=recipe.width,
+                      num_inference_steps=args.eval_steps, guidance_scale=args.guidance_scale,
+                      max_sequence_length=MAX_TEXT_TOKENS, output_type="np",
+                      generator=torch.Generator(device).manual_seed(seed)).frames[0]  # (T, H, W, 3) in [0, 1]
+        return (frames * 255).round().clip(0, 255).astype("uint8")
+
     report = dict(steps=args.eval_steps, guidance_scale=args.guidance_scale, seed=args.seed)
-    for split in ("heldout", "train"):
+    for split in args.eval_splits:
         prompts = [c.caption() for c in shapes_world.combos(split)]
         samples = []
         for i in range(args.eval_clips):
-            prompt = prompts[i % len(prompts)]
-            frames = pipe(prompt, num_frames=recipe.frames, height=recipe.height, width=recipe.width,
-                          num_inference_steps=args.eval_steps, guidance_scale=args.guidance_scale,
-                          max_sequence_length=MAX_TEXT_TOKENS, output_type="np",
-                          generator=torch.Generator(device).manual_seed(args.seed + i)).frames[0]  # (T, H, W, 3)
-            samples.append(((frames * 255).round().clip(0, 255).astype("uint8"), prompt))
-        report[split] = prompt_following_accuracy(samples)
+            samples.append((generate(prompts[i % len(prompts)], args.seed + i), prompts[i % len(prompts)]))
+            print(f"eval {split} {i + 1}/{args.eval_clips}", flush=True)
+        clips = []
+        for frames, prompt in samples:
+            found = prompt_following(frames, prompt)
+            clips.append(dict(prompt=prompt, **{k: v for k, v in found.items() if not isinstance(v, float) or k == "flicker"}))
+        report[split] = dict(prompt_following_accuracy(samples), clips=clips)
+        _write_strip(args.out / f"eval-{split}.png", samples[:8])
+    handle = vdit_sparse.accelerate(pipe, attention="svg", density=0.25, warmup_steps=0.25)  # configs/attention/svg.yaml
+    try:
+        prompts = [c.caption() for c in shapes_world.combos("heldout")][: args.svg_clips]
+        table = []
+        for i, prompt in enumerate(prompts):
+            generate(prompt, args.seed + i)
+            table += handle.stats()  # the latest run's calls
+        report["svg_head_shares"] = head_shares_by_layer(table)
+    finally:
+        handle.remove()
     (args.out / "eval.json").write_text(json.dumps(report, indent=1))
-    return dict(stage="eval", **report)
+    return dict(stage="eval", **{k: v for k, v in report.items() if k not in args.eval_splits},
+                **{split: {k: v for k, v in report[split].items() if k != "clips"} for split in args.eval_splits})
+
+
+def head_shares_by_layer(table: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean share of spatial / temporal / dense heads per layer over svg's sparse calls (warm-up excluded)."""
+    by_layer: dict[str, list[dict]] = {}
+    for row in table:
+        if row.get("method") == "svg" and "spatial" in row:
+            by_layer.setdefault(str(row["layer"]), []).append(row)
+    return {
+        layer: {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in ("spatial", "temporal", "dense", "density")}
+        for layer, rows in sorted(by_layer.items(), key=lambda item: int(item[0]))
+    }
+
+
+def _write_strip(path: Path, samples) -> None:
+    """A PNG to look at: one row per clip, every third frame."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [np.concatenate(list(frames[::3]), axis=1) for frames, _ in samples]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
 # ---------------------------------------------------------------- command line
@@ -439,12 +523,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=packaged_weights_dir(), help="export: the pipeline directory")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="h100",
+                   help="h100: full-size clips throughout; cpu: 64-pixel VAE crops and a low-resolution DiT phase")
     p.add_argument("--smoke", action="store_true", help="micro scale (32x32, 5 frames, tiny models) for CPU tests")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (CUDA)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--eval-clips", type=int, default=36, help="eval: clips per split (held-out, train)")
-    p.add_argument("--eval-steps", type=int, default=20, help="eval: denoising steps per clip")
+    p.add_argument("--eval-clips", type=int, default=36, help="eval: clips per split")
+    p.add_argument("--eval-splits", nargs="+", choices=("heldout", "train"), default=["heldout"],
+                   help="eval: which prompt sets to generate from")
+    p.add_argument("--svg-clips", type=int, default=2, help="eval: held-out clips generated with attention='svg'")
+    p.add_argument("--eval-steps", type=int, default=10, help="eval: denoising steps per clip (configs/model/tiny.yaml)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="eval: classifier-free guidance scale")
     args = p.parse_args(argv)
     if args.minutes <= 0:
@@ -468,7 +557,7 @@ def main(argv=None) -> dict:
 
 
 def run_stage(args) -> dict:
-    recipe = SMOKE if args.smoke else DEFAULT
+    recipe = SMOKE if args.smoke else RECIPES[args.recipe]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.stage == "export":
         result = export(args, recipe)

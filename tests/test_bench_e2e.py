@@ -1,20 +1,23 @@
-"""scripts/bench_e2e.py runs end to end (tiny shapes, CPU): the GPU run then only has to be called."""
+"""vdit-sparse bench: the e2e benchmark runs end to end (tiny shapes, CPU), and GPU modes refuse a CPU in one line."""
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_e2e.py"
+import pytest
+import torch
+
+from vdit_sparse.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_rows_are_ratios_against_dense_compiled_from_the_same_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out = tmp_path / "rows.json"
-    argv = ["--shape", "tiny-hunyuan", "--device", "cpu", "--smoke", "--repeats", "1", "--methods", "svg2",
-            "--densities", "0.5", "--json", str(out)]
-    assert bench.main(argv) == 0
+    argv = ["bench", "--e2e", "--shape", "tiny-hunyuan", "--device", "cpu", "--smoke", "--repeats", "1",
+            "--methods", "svg2", "--densities", "0.5", "--json", str(out)]
+    assert cli(argv) == 0
     rows = json.loads(out.read_text())
     assert {(r["compiled"], r["method"]) for r in rows} == {(c, m) for c in (False, True) for m in ("dense", "svg2")}
     base = next(r for r in rows if r["compiled"] and r["method"] == "dense")
@@ -22,3 +25,26 @@ def test_rows_are_ratios_against_dense_compiled_from_the_same_run(tmp_path):
     sparse = [r for r in rows if r["method"] == "svg2"]
     assert all(0.3 < r["density"] < 0.7 for r in sparse)  # fixed budget 0.5, text rows dense
     assert all(0 < r["attention_share"] <= 1.0 for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("argv", [["--kernels"], ["--e2e", "--shape", "tiny"], ["--cost-model", "--out", "x.json"]])
+def test_gpu_modes_refuse_a_cpu_in_one_line(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"bench {argv[0]}: needs a CUDA GPU" in err
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_bench_needs_exactly_one_mode(capsys):
+    assert cli(["bench", "--kernels", "--e2e"]) == 2
+    assert "give exactly one of --kernels, --e2e, --cost-model" in capsys.readouterr().err
+    assert cli(["bench", "--help"]) == 0
+    assert "--cost-model" in capsys.readouterr().out
+
+
+def test_scripts_run_the_same_code():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "vdit-sparse bench --kernels" in run.stdout

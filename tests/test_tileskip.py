@@ -1,6 +1,5 @@
 """Tile-skip caching on inputs whose negligible tiles are planted and fixed across steps."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -28,6 +28,7 @@ def run(train_tiny, *argv):
 def test_stages_resume_and_export_loads_as_a_wan_pipeline(train_tiny, tmp_path):
     from diffusers import WanPipeline
 
+    from vdit_sparse import shapes_world
     from vdit_sparse.pipelines.tiny import build_tokenizer
 
     ckpt, once = tmp_path / "ckpt", tmp_path / "once"
@@ -52,14 +53,19 @@ def test_stages_resume_and_export_loads_as_a_wan_pipeline(train_tiny, tmp_path):
         assert torch.equal(p.detach(), dit["ema"][name]), name
     caption = "two red circles moving left on a plain background"
     assert pipe.tokenizer(caption).input_ids == build_tokenizer()(caption).input_ids
-    frames = pipe(caption, num_frames=5, height=32, width=32, num_inference_steps=1, max_sequence_length=16,
+    frames = pipe(caption, num_frames=5, height=48, width=48, num_inference_steps=1, max_sequence_length=16,
                   output_type="np", generator=torch.Generator().manual_seed(0)).frames
-    assert frames.shape == (1, 5, 32, 32, 3) and frames.min() >= 0 and frames.max() <= 1
+    assert frames.shape == (1, 5, 48, 48, 3) and frames.min() >= 0 and frames.max() <= 1
 
-    report = run(train_tiny, "--stage", "eval", "--ckpt-dir", ckpt, "--out", out, "--eval-clips", 1, "--eval-steps", 1)
+    report = run(train_tiny, "--stage", "eval", "--ckpt-dir", ckpt, "--out", out, "--eval-clips", 1, "--eval-steps", 4,
+                 "--eval-splits", "heldout", "train", "--svg-clips", 1)
     assert report["heldout"]["n"] == report["train"]["n"] == 1
-    rates = json.loads((out / "eval.json").read_text())["heldout"]
-    assert rates.keys() >= {"colour_accuracy", "motion_accuracy", "count_accuracy", "mean_flicker"}
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["heldout"].keys() >= {"colour_accuracy", "motion_accuracy", "count_accuracy", "mean_flicker", "clips"}
+    assert saved["heldout"]["clips"][0]["prompt"] in shapes_world.heldout_prompts()
+    shares = saved["svg_head_shares"]  # svg ran on 3 of 4 steps (a quarter warm-up), each head one class
+    assert list(shares) == ["0"] and shares["0"]["spatial"] + shares["0"]["temporal"] + shares["0"]["dense"] == pytest.approx(1)
+    assert (out / "eval-heldout.png").stat().st_size > 0
 
 
 def test_flow_matching_follows_the_scheduler_sign_convention(train_tiny):
@@ -108,3 +114,15 @@ def test_bad_arguments_are_named(train_tiny, tmp_path):
         run(train_tiny, "--stage", "dit", "--steps", 1, "--ckpt-dir", tmp_path)
     with pytest.raises(SystemExit):
         train_tiny.parse_args(["--stage", "vae", "--ckpt-dir", str(tmp_path), "--minutes", "0"])
+
+
+def test_saving_leaves_the_live_optimizer_moments_alone(train_tiny):
+    """A checkpoint stores Adam moments in bf16; the optimizer that goes on training must keep its fp32 ones."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    saved = train_tiny.optimizer_state(optimizer, torch.bfloat16)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in saved["state"].values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+    optimizer.step()  # a cast-in-place moment would fail here (lerp of bf16 with fp32 gradients)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: 2 built-in)")
     p.add_argument("--holdout", metavar="FILE", help="held-out validation prompts, one per line (default: 2 built-in)")
     p.add_argument("--sampled-steps", type=int, default=3, help="steps observed per calibration run (default 3)")
-    p.add_argument("--cost-model", metavar="JSON", help="cost model from scripts/bench_cost_model.py (default: configs/cost_model.json if present)")
+    p.add_argument("--cost-model", metavar="JSON", help="cost model from vdit-sparse bench --cost-model (default: configs/cost_model.json if present)")
     p.add_argument("--rounds", type=int, default=3, help="--target-psnr: end-to-end checks before giving up (default 3)")
     p.add_argument("--no-validate", action="store_true", help="skip the held-out validation runs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -1,6 +1,6 @@
 """What one self-attention call costs, predicted for the tuner: measured on a GPU, or proportional.
 
-A measured model is a JSON file written by ``scripts/bench_cost_model.py`` on the target GPU::
+A measured model is a JSON file written by ``vdit-sparse bench --cost-model`` (vdit_sparse/bench/cost_model.py) on the target GPU::
 
     {"format": "vdit-sparse cost model 1", "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", ...,
      "shapes": [{"name": "wan-1.3b-480p", "groups": 12, "tokens": 32760, "head_dim": 128, "block_size": 64,
@@ -107,7 +107,7 @@ def load_cost_model(path: str | Path | None) -> CostModel:
             return proportional()
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--cost-model {str(path)!r}: no such file; write one with scripts/bench_cost_model.py on the GPU")
+        raise UserError(f"--cost-model {str(path)!r}: no such file; write one on the GPU with vdit-sparse bench --cost-model --out PATH")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         shapes = tuple(data["shapes"])

@@ -1,20 +1,14 @@
 """The GPU benchmark's mask builders (the benchmark itself needs a GPU): densities and FlexAttention's view."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from vdit_sparse.bench import kernels
+
+    return kernels
 
 
 @pytest.mark.parametrize("density", [0.3, 0.15, 0.08])

@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from vdit_sparse.quality import perceptual as lpips_module
 from vdit_sparse.quality.perceptual import lpips, unavailable_reason

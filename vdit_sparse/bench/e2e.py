@@ -1,0 +1,154 @@
+"""End-to-end transformer forward: dense eager / compiled against each method, ratios from one run.
+
+One full forward of diffusers' WanTransformer3DModel or HunyuanVideoTransformer3DModel at a real
+config with random weights (bf16 on CUDA). Every figure is a ratio against dense compiled from the same run, with the share of the time
+spent in self-attention (the handle's CUDA-event timings) and the peak memory.
+
+    vdit-sparse bench --e2e --shape wan-1.3b-480p              # GPU, all methods
+    vdit-sparse bench --e2e --shape wan-14b-720p --layers 8    # as many layers as fit
+    vdit-sparse bench --e2e --shape hunyuan-720p --layers 4
+    vdit-sparse bench --e2e --shape tiny --device cpu --smoke   # checks the benchmark itself, on CPU
+    python scripts/bench_e2e.py ...                            # the same, from a checkout
+
+svg2 runs warm: one untimed forward runs the cold k-means, timed forwards use the warm start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    # name: (family, transformer config, latent (frames, height, width)); Wan VAE: 4x time, 8x space
+    "wan-1.3b-480p": ("wan", dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30), (21, 60, 104)),
+    "wan-14b-720p": ("wan", dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40), (21, 90, 160)),
+    # HunyuanVideo 720p x 129 frames: 33 latent frames of 45 x 80 tokens = 118,800 video tokens + text
+    "hunyuan-720p": ("hunyuan", dict(num_layers=20, num_single_layers=40), (33, 90, 160)),
+    "tiny": ("wan", dict(num_attention_heads=2, attention_head_dim=24, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32), (3, 8, 8)),
+    "tiny-hunyuan": ("hunyuan", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)), (3, 8, 8)),
+}
+
+
+def build(shape: str, layers: int | None, device, dtype):
+    """(model, forward kwargs) with random weights; ``layers`` caps the blocks (Hunyuan: double and single)."""
+    family, cfg, (f, h, w) = SHAPES[shape]
+    cfg = dict(cfg)
+    torch.manual_seed(0)
+    if family == "wan":
+        from diffusers import WanTransformer3DModel
+
+        if layers is not None:
+            cfg["num_layers"] = layers
+        cfg.setdefault("text_dim", 4096)
+        model = WanTransformer3DModel(**cfg)
+        text = 512 if not shape.startswith("tiny") else 16
+        inputs = dict(
+            hidden_states=torch.randn(1, 16, f, h, w), timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, text, cfg["text_dim"]),
+        )
+    else:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        if layers is not None:
+            cfg["num_layers"], cfg["num_single_layers"] = layers, 2 * layers
+        model = HunyuanVideoTransformer3DModel(**cfg)
+        c = model.config
+        text = 256 if not shape.startswith("tiny") else 6
+        inputs = dict(
+            hidden_states=torch.randn(1, c.in_channels, f, h, w), timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, text, c.text_embed_dim),
+            encoder_attention_mask=torch.ones(1, text, dtype=torch.long),  # no padding: every call can be sparse
+            pooled_projections=torch.randn(1, c.pooled_projection_dim), guidance=torch.tensor([6000.0]),
+        )
+    model = model.to(device=device, dtype=dtype).eval()
+    cast = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and k != "guidance" else v.to(device) for k, v in inputs.items()}
+    return model, cast
+
+
+def timed(model, inputs: dict, repeats: int, device) -> float:
+    """Median milliseconds of one forward (after one untimed forward)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            model(**inputs)
+            sync()
+            if i:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(args) -> list[dict]:
+    import vdit_sparse as vs
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, inputs = build(args.shape, args.layers, device, dtype)
+    settings = [("dense", None, "none")]
+    for method in args.methods:
+        for density in args.densities:
+            for cache in (("none", "tileskip") if args.tileskip else ("none",)):
+                settings.append((method, density, cache))
+    rows = []
+    for compile_backend in ([False, "inductor"] if not args.smoke else [False, "aot_eager"]):
+        for method, density, cache in settings:
+            params = {} if density is None else {"density": density}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            acc = vs.accelerate(model, attention=method, cache=cache, compile=compile_backend, **params)
+            try:
+                ms = timed(model, inputs, args.repeats, device)
+                table = acc.stats()
+            finally:
+                acc.remove()
+                torch._dynamo.reset()
+            calls = [r for r in table if r["step"] > 0] or table  # the warm-up forward is step 0
+            attn_ms = sum(r["ms"] for r in calls) / max(len({r["step"] for r in calls}), 1)
+            rows.append({
+                "compiled": bool(compile_backend), "method": method, "density_requested": density, "cache": cache,
+                "ms": ms, "attention_share": attn_ms / ms,
+                "density": sum(r["density"] for r in calls) / max(len(calls), 1),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    base = next(r["ms"] for r in rows if r["compiled"] and r["method"] == "dense")
+    for r in rows:
+        r["speedup_vs_dense_compiled"] = base / r["ms"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vdit-sparse bench --e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="wan-1.3b-480p")
+    p.add_argument("--layers", type=int, help="layers to build (default: the model's)")
+    p.add_argument("--methods", nargs="+", default=["svg", "svg2"])
+    p.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.15, 0.08])
+    p.add_argument("--tileskip", action="store_true", help="also run each setting with cache=tileskip")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device")
+    p.add_argument("--smoke", action="store_true", help="compile with aot_eager: checks the script, times nothing real")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    if not args.smoke and (args.device or "cuda").startswith("cuda"):
+        from . import require_cuda
+
+        require_cuda("--e2e")
+    rows = run(args)
+    print(f"{'compiled':>8} {'method':>6} {'density':>7} {'cache':>8} {'ms':>9} {'x dense-c':>9} {'attn %':>6}")
+    for r in rows:
+        print(f"{r['compiled']!s:>8} {r['method']:>6} {r['density']:7.3f} {r['cache']:>8} {r['ms']:9.2f} "
+              f"{r['speedup_vs_dense_compiled']:9.2f} {100 * r['attention_share']:6.1f}")
+    if args.json:
+        from ..atomicfile import atomic_write_json
+
+        atomic_write_json(args.json, rows)
+    return 0
