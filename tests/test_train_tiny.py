@@ -126,3 +126,11 @@ def test_saving_leaves_the_live_optimizer_moments_alone(train_tiny):
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in saved["state"].values())
     assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
     optimizer.step()  # a cast-in-place moment would fail here (lerp of bf16 with fp32 gradients)
+
+
+def test_decoder_check_reports_object_and_background_error(train_tiny, tmp_path):
+    report = run(train_tiny, "--stage", "decoder-check", "--steps", 2, "--ckpt-dir", tmp_path)
+    assert report["steps"] == 2 and isinstance(report["learns"], bool)
+    for when in ("before", "after"):
+        assert 0 < report[when]["object_l1"] <= 2 and 0 <= report[when]["background_l1"] <= 2
+    assert not any(tmp_path.iterdir())  # a check writes nothing
