@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from vdit_sparse import shapes_world
-from vdit_sparse.atomicfile import atomic_write
+from vdit_sparse.atomicfile import atomic_write, atomic_write_json
 from vdit_sparse.pipelines.tiny import (
     MAX_TEXT_TOKENS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_tokenizer,
 )
@@ -424,7 +424,7 @@ def export(args, recipe: Recipe) -> dict:
     pipe.save_pretrained(args.out, safe_serialization=True)
     provenance = dict(seed=args.seed, vae_steps=vae_state["step"], dit_steps=dit_state["step"], smoke=args.smoke,
                       recipe=dataclasses.asdict(recipe))
-    (args.out / "training.json").write_text(json.dumps(provenance, indent=1))
+    atomic_write_json(args.out / "training.json", provenance)
     size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
     if size_mb > MAX_EXPORT_MB:
         raise SystemExit(f"export {args.out}: {size_mb:.1f} MiB, over the {MAX_EXPORT_MB} MiB budget")
@@ -442,7 +442,7 @@ def evaluate(args, recipe: Recipe, device) -> dict:
     from diffusers import WanPipeline
 
     import vdit_sparse
-    from vdit_sparse.quality.prompt_following import prompt_following, prompt_following_accuracy
+    from vdit_sparse.quality.prompt_following import accuracy_of, prompt_following
 
     if not (args.out / "model_index.json").exists():
         raise SystemExit(f"--out {args.out}: no model_index.json there; run --stage export first")
@@ -464,11 +464,9 @@ def evaluate(args, recipe: Recipe, device) -> dict:
         for i in range(args.eval_clips):
             samples.append((generate(prompts[i % len(prompts)], args.seed + i), prompts[i % len(prompts)]))
             print(f"eval {split} {i + 1}/{args.eval_clips}", flush=True)
-        clips = []
-        for frames, prompt in samples:
-            found = prompt_following(frames, prompt)
-            clips.append(dict(prompt=prompt, **{k: v for k, v in found.items() if not isinstance(v, float) or k == "flicker"}))
-        report[split] = dict(prompt_following_accuracy(samples), clips=clips)
+        results = [prompt_following(frames, prompt) for frames, prompt in samples]
+        clips = [dict(prompt=prompt, **{k: _plain(v) for k, v in found.items()}) for (_, prompt), found in zip(samples, results)]
+        report[split] = dict(accuracy_of(results), clips=clips)
         _write_strip(args.out / f"eval-{split}.png", samples[:8])
     handle = vdit_sparse.accelerate(pipe, attention="svg", density=0.25, warmup_steps=0.25)  # configs/attention/svg.yaml
     try:
@@ -480,7 +478,7 @@ def evaluate(args, recipe: Recipe, device) -> dict:
         report["svg_head_shares"] = head_shares_by_layer(table)
     finally:
         handle.remove()
-    (args.out / "eval.json").write_text(json.dumps(report, indent=1))
+    atomic_write_json(args.out / "eval.json", report)
     return dict(stage="eval", **{k: v for k, v in report.items() if k not in args.eval_splits},
                 **{split: {k: v for k, v in report[split].items() if k != "clips"} for split in args.eval_splits})
 
@@ -497,13 +495,20 @@ def head_shares_by_layer(table: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
+def _plain(value):
+    """A numpy scalar as the Python value JSON writes (np.bool_ and np.int64 are not JSON types)."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
 def _write_strip(path: Path, samples) -> None:
     """A PNG to look at: one row per clip, every third frame."""
     import numpy as np
     from PIL import Image
 
     rows = [np.concatenate(list(frames[::3]), axis=1) for frames, _ in samples]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    png = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(png, format="PNG")
+    atomic_write(path, png.getvalue())
 
 
 def check_decoder(args, recipe: Recipe, device, autocast) -> dict:

@@ -62,7 +62,9 @@ def test_stages_resume_and_export_loads_as_a_wan_pipeline(train_tiny, tmp_path):
     assert report["heldout"]["n"] == report["train"]["n"] == 1
     saved = json.loads((out / "eval.json").read_text())
     assert saved["heldout"].keys() >= {"colour_accuracy", "motion_accuracy", "count_accuracy", "mean_flicker", "clips"}
-    assert saved["heldout"]["clips"][0]["prompt"] in shapes_world.heldout_prompts()
+    clip = saved["heldout"]["clips"][0]
+    assert clip["prompt"] in shapes_world.heldout_prompts()
+    assert clip["colour_ok"] in (True, False) and isinstance(clip["flicker"], float)  # JSON values, not text
     shares = saved["svg_head_shares"]  # svg ran on 3 of 4 steps (a quarter warm-up), each head one class
     assert list(shares) == ["0"] and shares["0"]["spatial"] + shares["0"]["temporal"] + shares["0"]["dense"] == pytest.approx(1)
     assert (out / "eval-heldout.png").stat().st_size > 0

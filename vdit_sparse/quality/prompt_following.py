@@ -80,11 +80,15 @@ def prompt_following(frames: np.ndarray, prompt: str) -> dict:
 
 
 def prompt_following_accuracy(samples) -> dict:
-    """Rates over (frames, prompt) pairs: each ``*_accuracy`` counts only prompts naming that attribute.
+    """Rates over (frames, prompt) pairs: :func:`accuracy_of` their :func:`prompt_following` results."""
+    return accuracy_of([prompt_following(frames, prompt) for frames, prompt in samples])
+
+
+def accuracy_of(results: list[dict]) -> dict:
+    """Rates over :func:`prompt_following` results: each ``*_accuracy`` counts only prompts naming that attribute.
 
     ``all_accuracy``: clips whose every named attribute is right. Rates are None with no clip to count.
     """
-    results = [prompt_following(frames, prompt) for frames, prompt in samples]
     if not results:
         raise ValueError("samples: empty; give at least one (frames, prompt) pair")
     rates = {}
