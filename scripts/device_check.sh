@@ -6,7 +6,8 @@
 #     bash scripts/device_check.sh                   # in the device tool's run, carry [".whl"]: about 9 min
 #     bash scripts/device_check.sh kernels e2e       # or only some steps
 #
-# Steps: tests (pytest -m gpu), decoder (can the tiny VAE's decoder learn? see docs/embedded_model.md),
+# Steps: tests (pytest -m gpu), decoder (does the tiny VAE's decoder learn, at base_dim 16 and 48? see
+# docs/embedded_model.md),
 # kernels, e2e and cost (vdit-sparse bench at the Wan2.1-1.3B 480p shape). Each step's limit keeps the
 # whole call under the tool's 10 minutes; a step cut short still leaves its partial log.
 set -u
@@ -27,11 +28,12 @@ step() {  # name, seconds, command...
 }
 for s in $steps; do
     case $s in
-        tests) step tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
-        decoder) step decoder 40 python3 scripts/train_tiny.py --stage decoder-check --steps 300 --ckpt-dir /tmp/ckpt ;;
-        kernels) step kernels 180 python3 -m vdit_sparse bench --kernels --shapes wan-1.3b-480p ;;
-        e2e) step e2e 150 python3 -m vdit_sparse bench --e2e --shape wan-1.3b-480p --json "$OUT/e2e.json" ;;
-        cost) step cost 60 python3 -m vdit_sparse bench --cost-model --shapes wan-1.3b-480p --out "$OUT/cost_model.json" ;;
+        tests) step tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+        decoder) step decoder 90 bash -c 'for w in 16 48; do python3 scripts/train_tiny.py --stage decoder-check \
+                     --steps 300 --vae-base-dim $w --ckpt-dir /tmp/ckpt; done' ;;
+        kernels) step kernels 170 python3 -m vdit_sparse bench --kernels --shapes wan-1.3b-480p ;;
+        e2e) step e2e 140 python3 -m vdit_sparse bench --e2e --shape wan-1.3b-480p --json "$OUT/e2e.json" ;;
+        cost) step cost 50 python3 -m vdit_sparse bench --cost-model --shapes wan-1.3b-480p --out "$OUT/cost_model.json" ;;
         *) echo "unknown step $s: choose from tests decoder kernels e2e cost"; exit 2 ;;
     esac
 done

@@ -119,11 +119,12 @@ RECIPES = {"h100": DEFAULT, "cpu": CPU, "smoke": SMOKE}
 # ---------------------------------------------------------------- components
 
 
-def build_vae(recipe: Recipe, latents_mean=None, latents_std=None):
+def build_vae(recipe: Recipe, latents_mean=None, latents_std=None, config: dict | None = None):
+    """The recipe's AutoencoderKLWan, or one of ``config`` (what a VAE checkpoint was trained with)."""
     from diffusers import AutoencoderKLWan
 
     extra = {} if latents_mean is None else dict(latents_mean=list(latents_mean), latents_std=list(latents_std))
-    return AutoencoderKLWan(**recipe.vae, **extra)
+    return AutoencoderKLWan(**(config or recipe.vae), **extra)
 
 
 def build_transformer(recipe: Recipe):
@@ -309,6 +310,9 @@ def train_vae(args, recipe: Recipe, device, autocast) -> dict:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     state = load_checkpoint(args.ckpt_dir, "vae")
     step = 0
+    if state is not None and state.get("config", recipe.vae) != recipe.vae:
+        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: its VAE was trained with {state['config']}, not {recipe.vae}; "
+                         "give the same --vae-base-dim, or another --ckpt-dir")
     if state is not None:
         vae.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
@@ -340,7 +344,8 @@ def train_vae(args, recipe: Recipe, device, autocast) -> dict:
 
 def _save_vae(args, recipe, vae, optimizer, step):
     moments = getattr(torch, recipe.moments_dtype)
-    state = dict(step=step, seed=args.seed, model=vae.state_dict(), optimizer=optimizer_state(optimizer, moments))
+    state = dict(step=step, seed=args.seed, model=vae.state_dict(), optimizer=optimizer_state(optimizer, moments),
+                 config=dict(recipe.vae))  # later stages build the VAE from this, whatever flags they get
     save_checkpoint(state, args.ckpt_dir, "vae")
 
 
@@ -348,7 +353,7 @@ def train_dit(args, recipe: Recipe, device, autocast) -> dict:
     vae_state = load_checkpoint(args.ckpt_dir, "vae")
     if vae_state is None:
         raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: no vae.json there; run --stage vae first")
-    vae = build_vae(recipe).to(device).eval().requires_grad_(False)
+    vae = build_vae(recipe, config=vae_state.get("config")).to(device).eval().requires_grad_(False)
     vae.load_state_dict(vae_state["model"])
     torch.manual_seed(args.seed + 2)
     transformer = build_transformer(recipe).to(device).train()
@@ -414,7 +419,7 @@ def export(args, recipe: Recipe) -> dict:
     vae_state, dit_state = load_checkpoint(args.ckpt_dir, "vae"), load_checkpoint(args.ckpt_dir, "dit")
     if vae_state is None or dit_state is None:
         raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: needs vae.json and dit.json; train both stages first")
-    vae = build_vae(recipe, dit_state["latents_mean"], dit_state["latents_std"]).eval()
+    vae = build_vae(recipe, dit_state["latents_mean"], dit_state["latents_std"], vae_state.get("config")).eval()
     vae.load_state_dict(vae_state["model"])
     transformer = build_transformer(recipe).eval()
     transformer.load_state_dict(dit_state["model"])
@@ -517,7 +522,9 @@ def check_decoder(args, recipe: Recipe, device, autocast) -> dict:
     L1 error on held-out object pixels and background pixels before and after.
 
     On CPU the decoder of VAE_CONFIG stayed at object L1 0.62-0.69 after 150-230 steps while a plain
-    2-D conv autoencoder reached 0.28 after 50 (docs/embedded_model.md): run this before training.
+    2-D conv autoencoder reached 0.28 after 50, and the same decoder with its per-position channel RMS
+    norm swapped (in an experiment only) for a channel-and-space normalisation reached 0.39 after 172
+    (docs/embedded_model.md). Run this before training; ``--vae-base-dim`` tries other widths.
     Writes nothing.
     """
     torch.manual_seed(args.seed)
@@ -581,6 +588,8 @@ def parse_args(argv=None):
     p.add_argument("--recipe", choices=sorted(RECIPES), default="h100",
                    help="h100: full-size clips throughout; cpu: 64-pixel VAE crops and a low-resolution DiT phase")
     p.add_argument("--smoke", action="store_true", help="micro scale (32x32, 5 frames, tiny models) for CPU tests")
+    p.add_argument("--vae-base-dim", type=int, help="override the VAE's base_dim (vae and decoder-check stages; later "
+                   "stages read it from the VAE checkpoint), e.g. to find the smallest width whose decoder learns")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (CUDA)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--log-every", type=int, default=50)
@@ -595,6 +604,8 @@ def parse_args(argv=None):
         p.error(f"--minutes {args.minutes}: must be > 0")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
+    if args.vae_base_dim is not None and (args.vae_base_dim < 4 or args.vae_base_dim % 4):
+        p.error(f"--vae-base-dim {args.vae_base_dim}: must be a multiple of 4, at least 4")
     return args
 
 
@@ -613,6 +624,8 @@ def main(argv=None) -> dict:
 
 def run_stage(args) -> dict:
     recipe = SMOKE if args.smoke else RECIPES[args.recipe]
+    if args.vae_base_dim is not None:
+        recipe = dataclasses.replace(recipe, vae=dict(recipe.vae, base_dim=args.vae_base_dim))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     if on_cuda:

@@ -136,3 +136,16 @@ def test_decoder_check_reports_object_and_background_error(train_tiny, tmp_path)
     for when in ("before", "after"):
         assert 0 < report[when]["object_l1"] <= 2 and 0 <= report[when]["background_l1"] <= 2
     assert not any(tmp_path.iterdir())  # a check writes nothing
+
+
+def test_vae_width_travels_with_its_checkpoint(train_tiny, tmp_path):
+    """--vae-base-dim trains another width; dit and export rebuild it from the checkpoint, resuming with another refuses."""
+    ckpt = tmp_path / "ckpt"
+    run(train_tiny, "--stage", "vae", "--steps", 1, "--ckpt-dir", ckpt, "--vae-base-dim", 8)
+    assert train_tiny.load_checkpoint(ckpt, "vae")["config"]["base_dim"] == 8
+    run(train_tiny, "--stage", "dit", "--steps", 1, "--ckpt-dir", ckpt)  # no flag: the checkpoint's width
+    out = tmp_path / "tiny"
+    run(train_tiny, "--stage", "export", "--ckpt-dir", ckpt, "--out", out)
+    assert json.loads((out / "vae" / "config.json").read_text())["base_dim"] == 8
+    with pytest.raises(SystemExit, match="give the same --vae-base-dim"):
+        run(train_tiny, "--stage", "vae", "--steps", 1, "--ckpt-dir", ckpt)
