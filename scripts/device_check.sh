@@ -6,10 +6,10 @@
 #     bash scripts/device_check.sh                   # in the device tool's run, carry [".whl"]: about 9 min
 #     bash scripts/device_check.sh kernels e2e       # or only some steps
 #
-# Steps: tests (pytest -m gpu), decoder (does the tiny VAE's decoder learn, at base_dim 16 and 48? see
-# docs/embedded_model.md),
-# kernels, e2e and cost (vdit-sparse bench at the Wan2.1-1.3B 480p shape). Each step's limit keeps the
-# whole call under the tool's 10 minutes; a step cut short still leaves its partial log.
+# Steps: tests (pytest -m gpu); decoder (does the tiny VAE's decoder learn, at base_dim 16 and 48? see
+# docs/embedded_model.md); kernels, e2e and cost (vdit-sparse bench at the Wan2.1-1.3B 480p shape).
+# Each step's limit keeps the whole call under the tool's 10 minutes; a step cut short still leaves its
+# partial log.
 set -u
 OUT=${OUT:?run this through the device tool, which sets OUT}
 steps=${*:-tests decoder kernels e2e cost}

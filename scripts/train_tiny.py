@@ -239,8 +239,14 @@ def vae_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Genera
     z = posterior.mean + std * torch.randn(posterior.mean.shape, device=video.device, generator=generator)
     recon = vae.decode(z).sample
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
-    rec = (recon.float() - video).abs().mean() + (recon.float() - video).pow(2).mean()
+    rec = reconstruction_error(recon, video)
     return rec + kl_weight * kl, rec
+
+
+def reconstruction_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """Mean L1 + mean squared error of a reconstruction, in float32."""
+    diff = recon.float() - video
+    return diff.abs().mean() + diff.pow(2).mean()
 
 
 @torch.no_grad()
@@ -558,7 +564,7 @@ def check_decoder(args, recipe: Recipe, device, autocast) -> dict:
         video = images(_stream(args.seed, "vae") + 5, step, 16)
         with autocast():
             recon = decode_pooled(video)
-        loss = ((recon - video).abs() + (recon - video).pow(2)).mean()
+        loss = reconstruction_error(recon, video)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
