@@ -1,4 +1,4 @@
-"""Attention kernels (installed as ``vdit_sparse.kernels``). Each has a PyTorch reference beside it."""
+"""Attention kernels (installed as ``vdit_sparse.kernels``); the tests compare each with a PyTorch reference."""
 
 if __name__ == "kernels":
     # Imported under the top-level name ``kernels``: Python was started in a source checkout's root, so
@@ -18,6 +18,6 @@ if __name__ == "kernels":
     sys.modules["kernels"] = _real  # the import system returns what sys.modules holds once this file has run
     _spec.loader.exec_module(_real)
 else:
-    from .block_sparse_attention import block_sparse_attention
+    from .dispatch import block_sparse_attention
 
     __all__ = ["block_sparse_attention"]

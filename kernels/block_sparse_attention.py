@@ -1,9 +1,10 @@
 """Block-sparse flash attention over a BlockPlan: one fused Triton launch.
 
 Reads top to bottom like Triton's fused-attention tutorial: the inner loop over a tile's key list,
-the kernel, the host-side work list and launch configs, then the wrapper that checks arguments and
-dispatches (CUDA -> Triton; CPU -> the vectorised torch path in ``cpu_path.py``; the plain
-reference in ``reference.py`` on request). Design notes and the reasons behind them: ``NOTES.md``.
+the kernel, the host-side launch and configs, then ``block_sparse_attention_triton``, the wrapper
+that checks what only the Triton kernel needs and runs it. The public entry, which checks the
+arguments and picks this kernel or a torch path, is ``dispatch.py``; the tests compare both with
+``reference.py``. Design notes and the reasons behind them: ``NOTES.md``.
 
 One program computes one *query tile*: up to BLOCK_M plan rows of one query segment of one
 batch·head ``g``. Rows are gathered through ``q_perm`` and keys/values through ``k_perm`` inside the
@@ -13,13 +14,12 @@ or out exists. Softmax runs online in float32 with exp2 (log2 e folded into the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from vdit_sparse.plan import BlockPlan, from_block_mask
+from vdit_sparse.plan import BlockPlan
 
-from .reference import reference_attention, reference_tile_stats
+from . import autotune_cache
+from .tiles import query_tiles, tile_counts
 
 try:  # Triton is a Linux-only dependency: elsewhere the torch paths still import and run
     import triton
@@ -157,28 +157,7 @@ def _block_sparse_fwd(
     tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])  # scatter back to model order
 
 
-# ---------------------------------------------------------------- host side: work list and launch
-
-
-def query_tiles(q_offsets: torch.Tensor, block_m: int, total: int | None = None):
-    """The work list: every query segment cut into tiles of ``block_m`` plan rows (the last one short).
-
-    Returns four (T,) int32 tensors: batch·head ``g``, segment ``s``, first and end plan position.
-    Empty segments get no tile. Vectorised: no Python loop over segments. ``total``, the number of
-    tiles when the caller already knows it, saves a device-to-host sync.
-    """
-    G, S1 = q_offsets.shape
-    off = q_offsets.long()
-    sizes = off.diff(dim=1).reshape(-1)  # (G * Sq,)
-    ntiles = (sizes + block_m - 1) // block_m
-    total = int(ntiles.sum()) if total is None else total
-    seg_ids = torch.repeat_interleave(torch.arange(sizes.numel(), device=off.device), ntiles, output_size=total)
-    first_tile = torch.cumsum(ntiles, 0) - ntiles  # (G * Sq,) index of each segment's first tile
-    within = torch.arange(total, device=off.device) - first_tile[seg_ids]
-    start = off[:, :-1].reshape(-1)[seg_ids] + within * block_m  # (T,)
-    end = torch.minimum(start + block_m, off[:, 1:].reshape(-1)[seg_ids])
-    g, s = seg_ids // (S1 - 1), seg_ids % (S1 - 1)
-    return tuple(x.to(torch.int32).contiguous() for x in (g, s, start, end))
+# ---------------------------------------------------------------- host side: launch and configs
 
 
 # Interpreter runs (CPU tests) use small tiles so that small N still gives multi-tile segments.
@@ -229,52 +208,18 @@ def _segment_stats(tile_stats, tile_g, tile_s, plan: BlockPlan):
     return stats.view(G, Sq, L)
 
 
-def _mean_density(plan: BlockPlan, n: int) -> torch.Tensor:
-    """() float64 on the plan's device: BlockPlan.density() averaged, with N given (reading it would sync)."""
-    G, Sq, L = plan.kv_index.shape
-    q_sizes = plan.q_offsets.diff(dim=1).double()  # (G, Sq)
-    k_sizes = plan.k_offsets.diff(dim=1).double()  # (G, Sk)
-    valid = torch.arange(L, device=q_sizes.device) < plan.kv_count[..., None]  # (G, Sq, L)
-    idx = plan.kv_index.long().clamp(0, max(k_sizes.shape[1] - 1, 0))
-    kept = torch.gather(k_sizes[:, None, :].expand(-1, Sq, -1), 2, idx) * valid  # (G, Sq, L) keys per entry
-    return (kept.sum(2) * q_sizes).sum() / (G * float(n) ** 2)
-
-
-def _host_numbers(plan: BlockPlan, n: int, block_ms, with_density: bool):
+def _host_numbers(plan: BlockPlan, block_ms, with_density: bool):
     """Tile totals per BLOCK_M, and the mean density, in one device-to-host copy: a call's only sync."""
-    sizes = plan.q_offsets.diff(dim=1).long()  # (G, Sq)
-    values = [((sizes + bm - 1) // bm).sum().double() for bm in block_ms]
+    values = [tile_counts(plan.q_offsets, bm).sum().double() for bm in block_ms]
     if with_density:
-        values.append(_mean_density(plan, n))
+        values.append(plan.density().mean().double())
     numbers = torch.stack(values).tolist()
     return {bm: int(n) for bm, n in zip(block_ms, numbers)}, (numbers[-1] if with_density else None)
 
 
-def _triton_forward(q, k, v, plan, scale, skip, tile_stats, reverse, out, config):
-    from . import autotune_cache
-
-    stats = torch.empty(0, dtype=torch.float32, device=q.device) if tile_stats else None
-    tuning = config is None and q.device.type != "cpu"  # the interpreter runs a fixed small config
-    config = INTERPRETER_CONFIG if config is None and not tuning else config
-    block_ms = sorted({c["BLOCK_M"] for c in autotune_cache.CANDIDATES}) if tuning else [config["BLOCK_M"]]
-    totals, density = _host_numbers(plan, q.shape[2], block_ms, with_density=tuning)
-
-    def run(cfg, out_buf, stats_buf):
-        return _launch(q, k, v, plan, scale, skip, reverse, out_buf, stats_buf, cfg, totals.get(cfg["BLOCK_M"]))
-
-    if tuning:
-        config = _tuned_config(q, v, plan, run, density)
-    tile_s, tile_g = run(config, out, stats)
-    if not tile_stats:
-        return out
-    return out, _segment_stats(stats, tile_g, tile_s, plan)
-
-
 def _tuned_config(q, v, plan: BlockPlan, run, density: float | None = None):
     """The launch config for this (N, D, density band), tuned once and cached on disk."""
-    from . import autotune_cache
-
-    density = float(_mean_density(plan, q.shape[2])) if density is None else density
+    density = float(plan.density().mean()) if density is None else density
     key = autotune_cache.tuning_key(q, v.shape[3], density, has_perm=plan.q_perm is not None or plan.k_perm is not None)
 
     def measure(cfg):  # into scratch buffers; a config whose output is not finite is rejected
@@ -287,147 +232,55 @@ def _tuned_config(q, v, plan: BlockPlan, run, density: float | None = None):
     return autotune_cache.default_cache().pick(key, autotune_cache.CANDIDATES, measure)
 
 
-# ---------------------------------------------------------------- public wrapper
-
-BACKENDS = ("auto", "triton", "torch", "reference")
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)  # powers of two for tl.arange, >= 16 for tl.dot
 
 
-def block_sparse_attention(
-    q, k, v, plan, block_size=None, *, scale=None, backend="auto", skip=None, tile_stats=False, reverse=False,
-    out=None, config=None,
-):
-    """(B, H, N, D) attention of q, k, v computed only on the (query, key) pairs ``plan`` lists.
-
-    ``plan``: a BlockPlan, or a bool block mask (B, H, ceil(N/BM), ceil(N/BN)) over model order with
-    ``block_size=(BM, BN)``. q, k, v: (B, H, N, D) bf16 / fp16 (fp32 for reference runs), any strides.
-    ``backend``: "auto" (CUDA -> Triton kernel, CPU -> vectorised torch path), "triton" (on CPU only
-    under TRITON_INTERPRET=1), "torch", or "reference" (materialises N x N; small N only).
-    ``skip``: (G, Sq, L) bool, plan entries not to compute. ``reverse``: scan each key list backwards.
-    ``tile_stats``: also return stats (G, Sq, L) float32: per computed entry, its key segment's max
-    scaled logit minus the row's running max after it (natural log, <= 0), max over the segment's
-    rows; -inf for entries not computed (past kv_count, skipped, or an empty segment).
-    ``out``: optional (B, H, N, Dv) buffer to write into. ``config``: tile sizes and launch settings
-    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} (default on CUDA: tuned and cached on disk, see
-    autotune_cache.py; the torch path reads only the tile sizes).
-    Returns out in the model's token order, or (out, stats) when ``tile_stats``.
-    """
-    _check_tensors(q, k, v)
-    plan = _as_plan(plan, block_size, q)
-    _check_plan(plan, q, skip)
-    backend = _pick_backend(backend, q, v)
-    _check_config(config, backend)
-    if out is None:
-        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape[:3] + v.shape[3:] or out.dtype != q.dtype or out.device != q.device:
-        want = tuple(q.shape[:3] + v.shape[3:])
-        raise ValueError(f"out: expected {q.dtype} {want} on {q.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    if backend == "triton":
-        return _triton_forward(q, k, v, plan, scale, skip, tile_stats, reverse, out, config)
-    if backend == "torch":
-        return _torch_forward(q, k, v, plan, scale, skip, tile_stats, reverse, out, config)
-    computed = plan.drop(skip) if skip is not None else plan
-    out.copy_(reference_attention(q, k, v, computed, scale))
-    if not tile_stats:
-        return out
-    return out, reference_tile_stats(q, k, plan, scale, skip=skip, reverse=reverse)
-
-
-# The tiled torch path runs when its padded work is below this share of the masked-rows path's G·N²
-# (measured on CPU, 1 thread: equal speed at density 1 with 64-blocks; 60x slower on 5-token clusters).
-TILED_WORK_SHARE = 0.75
-
-
-def _torch_forward(q, k, v, plan, scale, skip, tile_stats, reverse, out, config):
-    """The CPU path: tiles (cost ~ density) unless padding small segments would cost more than dense rows."""
-    from .cpu_path import block_sparse_attention_torch, padded_area
-
-    options = dict(skip=skip, tile_stats=tile_stats, reverse=reverse, out=out)
-    if config is not None:
-        return block_sparse_attention_torch(q, k, v, plan, scale, block_m=config["BLOCK_M"], block_n=config["BLOCK_N"], **options)
-    if padded_area(plan, skip) <= TILED_WORK_SHARE * plan.groups * q.shape[2] ** 2:
-        return block_sparse_attention_torch(q, k, v, plan, scale, **options)
-    from .cpu_masked import masked_rows_attention  # many small segments (svg2 clusters): dense rows, masked
-
-    return masked_rows_attention(q, k, v, plan, scale, **options)
-
-
-def _as_plan(plan, block_size, q) -> BlockPlan:
-    if isinstance(plan, torch.Tensor):
-        if block_size is None:
-            raise ValueError("block_size: required with a block mask, e.g. block_size=(64, 64)")
-        return from_block_mask(plan, tuple(block_size), q.shape[2])
-    if not isinstance(plan, BlockPlan):
-        raise TypeError(f"plan: expected a BlockPlan or a bool block mask, got {type(plan).__name__}")
-    return plan
-
-
-def _check_tensors(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a (B, H, N, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name}: dtype {t.dtype} not supported; allowed: bfloat16, float16, float32")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v: shapes must agree as (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v: must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
-
-
-def _check_plan(plan: BlockPlan, q, skip) -> None:
-    """Shape, dtype and device checks that need no device sync; plan.validate() checks the values."""
-    B, H, N, _ = q.shape
-    if (plan.batch, plan.heads) != (B, H):
-        raise ValueError(f"plan: built for batch={plan.batch}, heads={plan.heads}, but q has B={B}, H={H}")
-    G, Sq = plan.kv_count.shape
-    for name in ("q_offsets", "k_offsets", "kv_count", "kv_index", "q_perm", "k_perm"):
-        t = getattr(plan, name)
-        if t is None:
-            continue
-        if t.dtype != torch.int32 or t.device != q.device or t.shape[0] != G:
-            raise ValueError(f"plan.{name}: expected int32 on {q.device} with first dim {G}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    for name in ("q_perm", "k_perm"):
-        t = getattr(plan, name)
-        if t is not None and tuple(t.shape) != (G, N):
-            raise ValueError(f"plan.{name}: expected shape ({G}, {N}) for N={N}, got {tuple(t.shape)}")
-    if plan.q_offsets.shape[1] != Sq + 1 or plan.kv_index.shape[:2] != (G, Sq):
-        shapes = f"q_offsets {tuple(plan.q_offsets.shape)}, kv_count {(G, Sq)}, kv_index {tuple(plan.kv_index.shape)}"
-        raise ValueError(f"plan: {shapes} disagree on the number of query segments")
-    if skip is not None and (skip.dtype != torch.bool or skip.shape != plan.kv_index.shape or skip.device != q.device):
-        want = tuple(plan.kv_index.shape)
-        raise ValueError(f"skip: expected bool {want} on {q.device} (like plan.kv_index), got {skip.dtype} {tuple(skip.shape)} on {skip.device}")
-
-
-def _check_config(config, backend: str) -> None:
-    if config is None:
-        return
-    sizes = (config.get("BLOCK_M"), config.get("BLOCK_N")) if isinstance(config, dict) else (None, None)
-    if not all(isinstance(x, int) and x > 0 for x in sizes):
-        raise ValueError(f"config: expected a dict with positive int BLOCK_M and BLOCK_N, got {config!r}")
-    if backend == "triton" and not all(x >= 16 and x & (x - 1) == 0 for x in sizes):
-        raise ValueError(f"config: the Triton kernel needs BLOCK_M and BLOCK_N powers of two >= 16, got {sizes}")
-
-
-def _pick_backend(backend: str, q, v) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: {backend!r} not supported; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend != "triton":
-        return backend
+def check_supported(q, v, config) -> None:
+    """Raise ValueError for a call the Triton kernel cannot run: head dims, tile sizes, no triton, no GPU."""
     for name, d in (("q", q.shape[3]), ("v", v.shape[3])):
-        if d not in TRITON_HEAD_DIMS:
-            raise ValueError(f"{name}: head dim {d} not supported by the Triton kernel; allowed: {TRITON_HEAD_DIMS} (or backend='torch')")
+        if d not in HEAD_DIMS:
+            raise ValueError(f"{name}: head dim {d} not supported by the Triton kernel; allowed: {HEAD_DIMS} (or backend='torch')")
+    sizes = (config["BLOCK_M"], config["BLOCK_N"]) if config is not None else ()
+    if not all(x >= 16 and x & (x - 1) == 0 for x in sizes):
+        raise ValueError(f"config: the Triton kernel needs BLOCK_M and BLOCK_N powers of two >= 16, got {sizes}")
     if not hasattr(triton, "testing"):
         raise ValueError("backend: 'triton' needs the triton package, which is not installed; use 'torch'")
     if q.device.type == "cpu" and not _interpreted():
         raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before vdit_sparse.kernels is imported")
-    return backend
 
 
 def _interpreted() -> bool:
     """True when the kernel was decorated under TRITON_INTERPRET=1 (Triton decides at decoration time)."""
     return type(_block_sparse_fwd).__name__ == "InterpretedFunction"
 
+
+# ---------------------------------------------------------------- wrapper
+
+
+def block_sparse_attention_triton(
+    q, k, v, plan: BlockPlan, scale: float, *, skip=None, tile_stats=False, reverse=False, out=None, config=None,
+):
+    """(B, H, N, Dv) attention over ``plan`` by the Triton kernel (and (out, stats) when ``tile_stats``).
+
+    Arguments as for ``vdit_sparse.kernels.block_sparse_attention``, already checked there, except
+    what only this kernel needs (``check_supported``). ``config``: None tunes on CUDA (cached on disk,
+    autotune_cache.py) and takes INTERPRETER_CONFIG under the interpreter.
+    """
+    check_supported(q, v, config)
+    if out is None:
+        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)  # (B, H, N, Dv)
+    stats = torch.empty(0, dtype=torch.float32, device=q.device) if tile_stats else None
+    tuning = config is None and q.device.type != "cpu"  # the interpreter runs a fixed small config
+    config = INTERPRETER_CONFIG if config is None and not tuning else config
+    block_ms = sorted({c["BLOCK_M"] for c in autotune_cache.CANDIDATES}) if tuning else [config["BLOCK_M"]]
+    totals, density = _host_numbers(plan, block_ms, with_density=tuning)
+
+    def run(cfg, out_buf, stats_buf):
+        return _launch(q, k, v, plan, scale, skip, reverse, out_buf, stats_buf, cfg, totals.get(cfg["BLOCK_M"]))
+
+    if tuning:
+        config = _tuned_config(q, v, plan, run, density)
+    tile_s, tile_g = run(config, out, stats)
+    if not tile_stats:
+        return out
+    return out, _segment_stats(stats, tile_g, tile_s, plan)

@@ -8,8 +8,8 @@ tiles, so the tiles active at step j are a prefix: cost follows the computed til
 Query tiles are processed in chunks, so memory stays bounded whatever N is; nothing is N x N.
 
 Padding is the weak spot: a 5-token cluster still costs a full tile. ``padded_area`` measures that
-cost, and the dispatcher (block_sparse_attention._torch_forward) sends such plans to the masked-rows
-path (``cpu_masked.py``) instead.
+cost, and the dispatcher (``dispatch.py``) sends such plans to the masked-rows path
+(``cpu_masked.py``) instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from vdit_sparse.plan import BlockPlan
 
-from .block_sparse_attention import query_tiles
+from .tiles import query_tiles, tile_counts
 
 # Scores, keys and the accumulator of one chunk hold at most about this many floats.
 MAX_CHUNK_ELEMENTS = 1 << 22
@@ -99,7 +99,7 @@ def _entry_key_tiles(plan: BlockPlan, skip, block_n: int):
 
 def padded_area(plan: BlockPlan, skip=None, block_m: int = 64, block_n: int = 64) -> int:
     """(query, key) pairs this path computes, tile padding included: its cost, to compare with G·N²."""
-    q_tiles = (plan.q_offsets.diff(dim=1).long() + block_m - 1) // block_m  # (G, Sq)
+    q_tiles = tile_counts(plan.q_offsets, block_m)  # (G, Sq)
     key_tiles = _entry_key_tiles(plan, skip, block_n)[2].sum(2)  # (G, Sq)
     return int((q_tiles * key_tiles).sum()) * block_m * block_n
 

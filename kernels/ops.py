@@ -8,6 +8,8 @@ import torch
 
 from vdit_sparse.plan import BlockPlan
 
+from .dispatch import block_sparse_attention
+
 
 @torch.library.custom_op("vdit_sparse::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(
@@ -16,16 +18,14 @@ def block_sparse_attention_op(
     scale: float,
 ) -> torch.Tensor:
     """(B, H, N, Dv) contiguous: block_sparse_attention of q, k, v over the plan given by its tensors."""
-    from .block_sparse_attention import block_sparse_attention
-
-    B, H = q.shape[:2]
-    plan = BlockPlan(q_offsets, k_offsets, kv_count, kv_index, B, H, q_perm, k_perm)
+    B, H, N = q.shape[:3]
+    plan = BlockPlan(q_offsets, k_offsets, kv_count, kv_index, B, H, q_perm, k_perm, num_tokens=N)
     return block_sparse_attention(q, k, v, plan, scale=scale)
 
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, q_offsets, k_offsets, kv_count, kv_index, q_perm, k_perm, scale):
-    return q.new_empty(q.shape[:3] + v.shape[3:])
+    return q.new_empty(q.shape[:3] + v.shape[3:])  # (B, H, N, Dv)
 
 
 def run_plan(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:

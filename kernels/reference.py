@@ -1,6 +1,6 @@
 """Plain PyTorch reference for block-sparse attention: materialises the (N, N) mask.
 
-For tests at small N only. Rows whose query attends to no key give zeros.
+A test oracle only: no runtime code imports it. For small N. Rows whose query attends to no key give zeros.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from vdit_sparse.plan import BlockPlan, plan_order, segment_ids
+from vdit_sparse.plan import BlockPlan
 
 
 def reference_attention(q, k, v, plan: BlockPlan, scale: float | None = None) -> torch.Tensor:
@@ -30,35 +30,37 @@ def dense_reference(q, k, v, scale: float | None = None) -> torch.Tensor:
 
 
 def reference_tile_stats(q, k, plan: BlockPlan, scale: float | None = None, skip=None, reverse: bool = False):
-    """(G, Sq, L) float32 tile-skip statistics, computed densely in plan order (small N only).
+    """(G, Sq, L) float32 tile-skip statistics, from their definition, one entry at a time (small N only).
 
     Entry (g, s, l): over the rows of query segment s, the max of (the row's max scaled logit over
     key segment kv_index[g, s, l]) minus (the row's running max after scanning that entry), in natural
     log units; the scan runs over the listed entries in order, or backwards when ``reverse``.
     -inf for entries not computed: past kv_count, marked in ``skip``, or with an empty segment.
+    Loops over segments and entries in model order, sharing no code with the paths it checks.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    plan = plan.to("cpu")
+    skip = None if skip is None else skip.cpu()
     G, Sq, L = plan.kv_index.shape
     n, d = q.shape[2], q.shape[3]
-    Sk = plan.k_offsets.shape[1] - 1
-    qg = plan_order(q.reshape(G, n, d).float().cpu(), None if plan.q_perm is None else plan.q_perm.cpu())  # (G, N, D)
-    kg = plan_order(k.reshape(G, n, d).float().cpu(), None if plan.k_perm is None else plan.k_perm.cpu())
-    scores = torch.einsum("gnd,gmd->gnm", qg, kg) * scale  # (G, N, N) plan order
-    k_seg = segment_ids(plan.k_offsets.cpu(), n)  # (G, N)
-    q_seg = segment_ids(plan.q_offsets.cpu(), n)
-    seg_max = torch.full((G, n, Sk), float("-inf"))
-    seg_max.scatter_reduce_(2, k_seg[:, None, :].expand(-1, n, -1), scores, reduce="amax")  # (G, N, Sk)
-    valid = torch.arange(L) < plan.kv_count[..., None].cpu()  # (G, Sq, L)
-    if skip is not None:
-        valid &= ~skip.cpu()
-    entries = plan.kv_index.long().cpu().clamp(0, max(Sk - 1, 0))
-    row_entries = torch.gather(entries, 1, q_seg[..., None].expand(-1, -1, L))  # (G, N, L)
-    row_valid = torch.gather(valid, 1, q_seg[..., None].expand(-1, -1, L))
-    tile_max = torch.where(row_valid, torch.gather(seg_max, 2, row_entries), float("-inf"))  # (G, N, L)
-    scan = tile_max.flip(2) if reverse else tile_max
-    running = torch.cummax(scan, dim=2).values
-    rel = torch.where(scan == float("-inf"), float("-inf"), scan - running)
-    rel = rel.flip(2) if reverse else rel
+    scores = torch.einsum("gnd,gmd->gnm", q.reshape(G, n, d).float().cpu(), k.reshape(G, n, d).float().cpu()) * scale
     stats = torch.full((G, Sq, L), float("-inf"))
-    stats.scatter_reduce_(1, q_seg[..., None].expand(-1, -1, L), rel, reduce="amax")
+    for g in range(G):
+        for s in range(Sq):
+            row_scores = scores[g, _segment_tokens(plan.q_perm, plan.q_offsets, g, s)]  # (rows, N) query segment s
+            count = int(plan.kv_count[g, s])
+            running = torch.full(row_scores.shape[:1], float("-inf"))  # each row's max logit so far
+            for l in reversed(range(count)) if reverse else range(count):
+                cols = _segment_tokens(plan.k_perm, plan.k_offsets, g, int(plan.kv_index[g, s, l]))
+                if row_scores.numel() == 0 or cols.numel() == 0 or (skip is not None and bool(skip[g, s, l])):
+                    continue
+                seg_max = row_scores[:, cols].amax(1)  # (rows,)
+                running = torch.maximum(running, seg_max)
+                stats[g, s, l] = (seg_max - running).max()
     return stats.to(q.device)
+
+
+def _segment_tokens(perm, offsets, g: int, seg: int) -> torch.Tensor:
+    """(size,) int64 model tokens of segment ``seg`` of batch·head ``g``."""
+    pos = torch.arange(int(offsets[g, seg]), int(offsets[g, seg + 1]))
+    return pos if perm is None else perm[g, pos].long()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vdit_sparse.layout import VideoLayout
-
-from .processor import HandleProcessor
+from .processor import Adapter, HandleProcessor
 
 
 class CogVideoXJointAttnProcessor(HandleProcessor):
@@ -38,48 +36,31 @@ class CogVideoXJointAttnProcessor(HandleProcessor):
             q[:, :, text:] = apply_rotary_emb(q[:, :, text:], image_rotary_emb)
             if not attn.is_cross_attention:
                 k[:, :, text:] = apply_rotary_emb(k[:, :, text:], image_rotary_emb)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, H, D) views
+        # a caller's mask is not something a block plan can express: the stock call, recorded
+        out = self.attention(q, k, v, attention_mask, dense=attention_mask is not None)  # (B, N, H, D)
+        out = out.reshape(B, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        text_out, video_out = out.split([text, N - text], dim=1)
+        return video_out, text_out
 
-        def dense_fn(q, k, v):  # (B, N, H, D) in and out; the stock SDPA call, bit for bit
+    def dense(self, attention_mask=None):
+        def dense_fn(q, k, v):  # (B, N, H, D) in and out; the stock processor calls SDPA itself, bit for bit
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask, dropout_p=0.0,
                 is_causal=False,
             )
             return out.transpose(1, 2)
 
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, H, D) views
-        # a caller's mask is not something a block plan can express: the stock call, recorded
-        out = self.attend(self.layer, q, k, v, dense_fn, dense=attention_mask is not None)  # (B, N, H, D)
-        out = out.reshape(B, -1, attn.heads * head_dim)
-        out = attn.to_out[1](attn.to_out[0](out))
-        text_out, video_out = out.split([text, N - text], dim=1)
-        return video_out, text_out
+        return dense_fn
 
 
-class CogVideoXAdapter:
+class CogVideoXAdapter(Adapter):
     family = "cogvideox"
-
-    @staticmethod
-    def matches(transformer) -> bool:
-        from diffusers import CogVideoXTransformer3DModel
-
-        return isinstance(transformer, CogVideoXTransformer3DModel)
-
-    @staticmethod
-    def self_attention(transformer) -> list[tuple[int, torch.nn.Module]]:
-        return [(i, block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
-
-    @staticmethod
-    def layout(transformer, args, kwargs) -> VideoLayout:
-        given = dict(zip(("hidden_states", "encoder_hidden_states"), args)) | kwargs
-        hidden, text = given["hidden_states"], given["encoder_hidden_states"]  # (B, F, C, H, W), (B, T, C)
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1
-        _, f, _, h, w = hidden.shape
-        if f % p_t:
-            raise ValueError(f"hidden_states: {f} latent frames, not a multiple of the transformer's patch_size_t={p_t}")
-        tokens = text.shape[1]
-        return VideoLayout(
-            frames=f // p_t, height=h // p, width=w // p,
-            text_tokens=tokens, text_position="before" if tokens else "none",
-        )
-
-    make_processor = CogVideoXJointAttnProcessor
+    transformer_class = "CogVideoXTransformer3DModel"
+    blocks = ("transformer_blocks",)
+    attention = "attn1"
+    latents = "BFCHW"
+    forward_args = ("hidden_states", "encoder_hidden_states")
+    text = "before"
+    processor = CogVideoXJointAttnProcessor

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vdit_sparse.layout import VideoLayout
-
-from .processor import HandleProcessor
+from .processor import Adapter, HandleProcessor
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -69,7 +67,7 @@ class HunyuanJointAttnProcessor(HandleProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)  # (B, V + T, H, D)
         text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        out = self._attention(q, k, v, attention_mask, text)  # (B, V + T, H, D)
+        out = self._padded_attention(q, k, v, attention_mask, text)  # (B, V + T, H, D)
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out, None
@@ -80,28 +78,17 @@ class HunyuanJointAttnProcessor(HandleProcessor):
             text_out = attn.to_add_out(text_out)
         return video, text_out
 
-    def _dense(self, attention_mask):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        def dense_fn(q, k, v):  # the stock call, bit for bit
-            return dispatch_attention_fn(
-                q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-
-        return dense_fn
-
     # under torch.compile, the one graph break of this call: reading the padding is data-dependent
     @torch.compiler.disable
-    def _attention(self, q, k, v, attention_mask, text: int) -> torch.Tensor:
-        dense_fn = self._dense(attention_mask)
+    def _padded_attention(self, q, k, v, attention_mask, text: int) -> torch.Tensor:
         lengths = real_text_lengths(attention_mask, text)
         if lengths is None:
-            return self.attend(self.layer, q, k, v, dense_fn)
+            return self.attention(q, k, v, attention_mask)
         if len(set(lengths)) > 1:
             # prompts padded to different lengths in one batch: one layout cannot describe them, and a
             # plan over the padded sequence would let padding keys take attention; stay exact
-            return self.attend(self.layer, q, k, v, dense_fn, dense=True)
+            return self.attention(q, k, v, attention_mask, dense=True)
+        dense_fn = self.dense(attention_mask)
         n = q.shape[1] - text + lengths[0]  # video + real text
         pad_q, pad_k, pad_v = q[:, n:], k[:, n:], v[:, n:]
         padding_rows = {}
@@ -118,37 +105,21 @@ class HunyuanJointAttnProcessor(HandleProcessor):
         return torch.cat([out, rows.to(out.dtype)], 1)
 
 
-class HunyuanVideoAdapter:
+class HunyuanVideoAdapter(Adapter):
     family = "hunyuan"
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    blocks = ("transformer_blocks", "single_transformer_blocks")  # the order the forward runs them in
+    attention = "attn"
+    forward_args = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+    text = "after"
+    processor = HunyuanJointAttnProcessor
 
-    @staticmethod
-    def matches(transformer) -> bool:
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        return isinstance(transformer, HunyuanVideoTransformer3DModel)
-
-    @staticmethod
-    def self_attention(transformer) -> list[tuple[int, torch.nn.Module]]:
-        # double-stream blocks first, then single-stream ones: the order the forward runs them in
-        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-        return [(i, block.attn) for i, block in enumerate(blocks)]
-
-    @staticmethod
-    def layout(transformer, args, kwargs) -> VideoLayout:
-        names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
-        given = dict(zip(names, args)) | kwargs
-        hidden, text = given["hidden_states"], given["encoder_hidden_states"]  # (B, C, F, H, W), (B, T, C)
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        _, _, f, h, w = hidden.shape
-        tokens = text.shape[1]
+    @classmethod
+    def text_tokens(cls, given: dict) -> int:
+        tokens = super().text_tokens(given)
         mask = given.get("encoder_attention_mask")  # (B, T), real tokens first
         if mask is not None:
             lengths = mask.sum(1).tolist()
             if len(set(lengths)) == 1:  # the processor cuts uniform padding off; mixed padding runs dense
                 tokens = int(lengths[0])
-        return VideoLayout(
-            frames=f // p_t, height=h // p, width=w // p,
-            text_tokens=tokens, text_position="after" if tokens else "none",
-        )
-
-    make_processor = HunyuanJointAttnProcessor
+        return tokens

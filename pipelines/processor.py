@@ -1,11 +1,22 @@
-"""What every processor of ours shares: the handle's entry, the layer index, the stock processor."""
+"""What every model family shares: the adapter base (facts as data) and the processor base.
+
+Adding a model family: one module in pipelines/ with its processor (how the stock processor
+computes q, k, v and what it does after attention) and an ``Adapter`` subclass that states the
+family's facts as class attributes; then one line in ``ADAPTERS`` (pipelines/__init__.py).
+"""
 
 from __future__ import annotations
+
+import itertools
+
+import torch
+
+from vdit_sparse.layout import VideoLayout
 
 
 class HandleProcessor:
     """Base of the processors installed by ``accelerate``; subclasses compute q, k, v the stock way
-    and call ``self.attend(self.layer, q, k, v, dense_fn, dense=False)`` with (B, N, H, D) tensors."""
+    and call ``self.attention(q, k, v, attention_mask)`` with (B, N, H, D) tensors."""
 
     # diffusers' set_attention_backend / enable_parallelism set these on processors
     _attention_backend = None
@@ -17,3 +28,81 @@ class HandleProcessor:
         self.original = original
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def dense(self, attention_mask=None):
+        """The stock dense call, (B, N, H, D) in and out: diffusers' dispatcher with the module's backend."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def dense_fn(q, k, v):
+            return dispatch_attention_fn(
+                q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        return dense_fn
+
+    def attention(self, q, k, v, attention_mask=None, dense: bool = False):
+        """(B, N, H, D): the handle's attention of q, k, v; ``dense`` asks for the stock call (recorded)."""
+        return self.attend(self.layer, q, k, v, self.dense(attention_mask), dense=dense)
+
+
+class Adapter:
+    """A model family's facts, as class attributes; the methods below read them.
+
+    ``transformer_class``: the diffusers class name; ``blocks``: the transformer's block lists in
+    forward order; ``attention``: the self-attention module of a block; ``latents``: the order of the
+    hidden-state axes ("BCFHW" or "BFCHW"); ``forward_args``: the transformer's positional arguments;
+    ``text``: where joint-attention text sits ("none", "before", "after"); ``processor``: ours.
+    """
+
+    family: str = ""
+    transformer_class: str = ""
+    blocks: tuple[str, ...] = ()
+    attention: str = "attn1"
+    latents: str = "BCFHW"
+    forward_args: tuple[str, ...] = ("hidden_states", "timestep", "encoder_hidden_states")
+    text: str = "none"
+    processor: type[HandleProcessor] = HandleProcessor
+
+    @classmethod
+    def matches(cls, transformer) -> bool:
+        import diffusers
+
+        return isinstance(transformer, getattr(diffusers, cls.transformer_class))
+
+    @classmethod
+    def self_attention(cls, transformer) -> list[tuple[int, torch.nn.Module]]:
+        blocks = itertools.chain.from_iterable(getattr(transformer, name) for name in cls.blocks)
+        return [(i, getattr(block, cls.attention)) for i, block in enumerate(blocks)]
+
+    @staticmethod
+    def patch(config) -> tuple[int, int, int]:
+        """(frames, height, width) of one token's patch."""
+        p = config.patch_size
+        return tuple(p) if isinstance(p, (tuple, list)) else (getattr(config, "patch_size_t", None) or 1, p, p)
+
+    @classmethod
+    def text_tokens(cls, given: dict) -> int:
+        """Joint-attention text tokens of one call (0 where text sits in cross-attention)."""
+        text = given.get("encoder_hidden_states")
+        return 0 if cls.text == "none" or text is None else text.shape[1]
+
+    @classmethod
+    def layout(cls, transformer, args, kwargs) -> VideoLayout:
+        given = dict(zip(cls.forward_args, args)) | kwargs
+        shape = dict(zip(cls.latents, given["hidden_states"].shape))
+        p_t, p_h, p_w = cls.patch(transformer.config)
+        if shape["F"] % p_t:
+            raise ValueError(f"hidden_states: {shape['F']} latent frames, not a multiple of the transformer's patch_size_t={p_t}")
+        tokens = cls.text_tokens(given)
+        return VideoLayout(
+            frames=shape["F"] // p_t, height=shape["H"] // p_h, width=shape["W"] // p_w,
+            text_tokens=tokens, text_position=cls.text if tokens else "none",
+        )
+
+    @classmethod
+    def size_rule(cls, pipe) -> tuple[int, int]:
+        """(t, s): the pipeline takes t·k + 1 frames and heights and widths that are multiples of s."""
+        p_t, p_h, _ = cls.patch(pipe.transformer.config)
+        t = getattr(pipe, "vae_scale_factor_temporal", 1)
+        return t, getattr(pipe, "vae_scale_factor_spatial", 8) * p_h

@@ -7,6 +7,7 @@ with random weights, which exercises every code path but draws noise, not shapes
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,6 @@ TEXT_DIM = 32
 MAX_TEXT_TOKENS = 16  # captions of the shapes world are short
 SEED = 0
 
-# One clip of the default 25 frames at 128 × 128 is 7 latent frames × 16 × 16 = 1,792 video tokens.
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=6,
@@ -39,11 +39,9 @@ TRANSFORMER_CONFIG = dict(
     rope_max_seq_len=64,
 )
 
-# 4x in space (not Wan's 8x): decoding dominates CPU time, and 16 x 16 latents keep 128-pixel frames.
-VAE_CONFIG = dict(
-    base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-    scale_factor_spatial=4, scale_factor_temporal=4,
-)
+# A fitted patch PCA (pipelines/patch_vae.py): 8 x 8 pixels x 4 frames x RGB -> 16 channels. At 128 x 128
+# and 25 frames: 7 latent frames x 16 x 16, i.e. 7 x 8 x 8 = 448 video tokens at the DiT's patch (1, 2, 2).
+VAE_CONFIG = dict(z_dim=16, patch_size=8, patch_frames=4)
 
 TEXT_ENCODER_CONFIG = dict(
     d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
@@ -74,14 +72,16 @@ def build_tokenizer():
 
 def build_components(seed: int = SEED) -> dict:
     """Every component of the tiny WanPipeline, random weights drawn from ``seed``."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
+
+    from .patch_vae import PatchPCAAutoencoder
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_ENCODER_CONFIG)).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(**VAE_CONFIG).eval()
+    vae = PatchPCAAutoencoder(**VAE_CONFIG).eval()  # unfitted: the first 16 axes of patch space
     torch.manual_seed(seed + 2)
     transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -92,7 +92,18 @@ def build_tiny_pipeline(seed: int = SEED):
     """The embedded default WanPipeline: trained weights when shipped, else random from ``seed``."""
     from diffusers import WanPipeline
 
+    from . import patch_vae  # noqa: F401  diffusers loads the vae's class only once its module is imported
+
+    from diffusers.utils import logging as diffusers_logging
+
     weights = packaged_weights_dir()
     if (weights / "model_index.json").exists():
-        return WanPipeline.from_pretrained(weights)
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # WanPipeline warns that its vae is not an AutoencoderKLWan: ours is meant
+        try:
+            return WanPipeline.from_pretrained(weights)
+        finally:
+            diffusers_logging.set_verbosity(level)
+    warnings.warn(f"no trained weights in {weights}: the tiny model has random weights and draws noise "
+                  "(scripts/train_tiny.py trains them)", stacklevel=2)
     return WanPipeline(**build_components(seed))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vdit_sparse.layout import VideoLayout
-
-from .processor import HandleProcessor
+from .processor import Adapter, HandleProcessor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -24,7 +22,6 @@ class WanSelfAttnProcessor(HandleProcessor):
     """Replaces ``WanAttnProcessor`` on a self-attention module; hands q, k, v to the accelerate handle."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -34,37 +31,15 @@ class WanSelfAttnProcessor(HandleProcessor):
         if rotary_emb is not None:
             query = _rotate(query, *rotary_emb)
             key = _rotate(key, *rotary_emb)
-
-        def dense_fn(q, k, v):
-            return dispatch_attention_fn(
-                q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-
-        out = self.attend(self.layer, query, key, value, dense_fn)  # (B, N, H, D)
+        out = self.attention(query, key, value, attention_mask)  # (B, N, H, D)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
-class WanAdapter:
+class WanAdapter(Adapter):
     family = "wan"
-
-    @staticmethod
-    def matches(transformer) -> bool:
-        from diffusers import WanTransformer3DModel
-
-        return isinstance(transformer, WanTransformer3DModel)
-
-    @staticmethod
-    def self_attention(transformer) -> list[tuple[int, torch.nn.Module]]:
-        return [(i, block.attn1) for i, block in enumerate(transformer.blocks)]
-
-    @staticmethod
-    def layout(transformer, args, kwargs) -> VideoLayout:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, C, F, H, W) latents
-        p_t, p_h, p_w = transformer.config.patch_size
-        _, _, f, h, w = hidden.shape
-        return VideoLayout(frames=f // p_t, height=h // p_h, width=w // p_w)
-
-    make_processor = WanSelfAttnProcessor
+    transformer_class = "WanTransformer3DModel"
+    blocks = ("blocks",)
+    attention = "attn1"
+    processor = WanSelfAttnProcessor

@@ -1,23 +1,16 @@
-"""Train the embedded default model on the shapes world: the VAE, then the DiT, then export.
+"""Train the embedded default model on the shapes world, on a CPU: fit the autoencoder, train the DiT, export.
 
-    python scripts/train_tiny.py --stage vae --minutes 4 --ckpt-dir ckpt     # resumes if ckpt/vae.json exists
-    python scripts/train_tiny.py --stage dit --minutes 9 --ckpt-dir ckpt     # call again to go on
+    python scripts/train_tiny.py --stage vae --ckpt-dir ckpt                   # fit the patch PCA (seconds)
+    python scripts/train_tiny.py --stage dit --minutes 140 --ckpt-dir ckpt     # resumes if ckpt/dit.json exists
     python scripts/train_tiny.py --stage export --ckpt-dir ckpt --out vdit_sparse/data/tiny
     python scripts/train_tiny.py --stage eval --ckpt-dir ckpt --out vdit_sparse/data/tiny   # prompt following
-    python scripts/train_tiny.py --smoke --stage vae --steps 2 --ckpt-dir /tmp/c   # micro scale, CPU
-    python scripts/train_tiny.py --stage decoder-check --steps 300 --ckpt-dir /tmp/c  # can the decoder learn?
-    python scripts/train_tiny.py --recipe cpu --stage dit --minutes 60 --ckpt-dir ckpt   # no GPU: see below
+    python scripts/train_tiny.py --stage dit --init-from vdit_sparse/data/tiny --ckpt-dir more   # continue the shipped model
+    python scripts/train_tiny.py --smoke --stage vae --ckpt-dir /tmp/c         # micro scale, for tests
 
-Recipes: ``h100`` (the default) trains the VAE on full 25-frame clips and every DiT step on full
-25-frame 128 x 128 clips, batch 32. ``cpu`` is for trying the recipe without a GPU: the VAE trains on
-64 x 64 crops, and the DiT first learns the world on 25-frame 64 x 64 clips (448 tokens), then adapts
-to the full 1,792-token clips. On the 2-core development machine it did not reach a usable VAE in an
-hour (docs/embedded_model.md says what it learned); it is kept for experiments at small scale.
-Phases are fixed by step number, so a resumed run still sees exactly the data of one long run.
-
-Every stage builds the real diffusers / transformers classes (AutoencoderKLWan,
-WanTransformer3DModel, UMT5EncoderModel with the word-level tokenizer of pipelines/tiny.py), and
-export writes a WanPipeline directory (safetensors) that ``load_pipeline("tiny")`` picks up.
+The autoencoder is ``PatchPCAAutoencoder`` (pipelines/patch_vae.py): a fixed linear map of 8 x 8 pixel
+x 4 frame patches to 16 channels, fitted in seconds; nothing in it trains. The DiT is the real
+``WanTransformer3DModel`` of pipelines/tiny.py. Recipes: ``cpu`` (the default: one thread, batch 8,
+what the shipped weights were trained with) and ``gpu`` (the same model and data, batch 32).
 
 Flow matching, in diffusers' FlowMatchEulerDiscreteScheduler convention (read in its ``step``:
 x_prev = x + (sigma_next - sigma) * model_output, and x0 = x - sigma * model_output):
@@ -25,11 +18,13 @@ x_prev = x + (sigma_next - sigma) * model_output, and x0 = x - sigma * model_out
 with sigma = shift * u / (1 + (shift - 1) * u), u ~ U(0, 1): the scheduler's own shift, so
 training sees noise levels with the density inference visits.
 
-Reproducible from ``--seed``: step ``s`` of a stage draws its clips and its noise from (seed, stage,
-s) alone, so a run cut into resumed calls sees the same data as one long run, and no random-generator
-state needs saving. Checkpoints: ``DIR/<stage>.json`` names the parts ``DIR/<stage>-<step>.partK``
-(each below 15 MiB, so they travel through the device tool's 16 MiB file limit); the manifest is
-replaced last, atomically, so a cut-off save leaves the previous checkpoint readable.
+Data: a pool of ``pool_clips`` training clips, rendered when first needed and kept as latents in
+memory (rendering costs about a third of a CPU step); each epoch visits the pool in an order drawn
+from (seed, epoch). Reproducible from ``--seed``: step ``s`` draws its clips and its noise from
+(seed, s) alone, so a run cut into resumed calls sees the same data as one long run, and no
+random-generator state needs saving. Checkpoints: ``DIR/<stage>.json`` names the parts
+``DIR/<stage>-<step>.partK`` (each below 15 MiB); the manifest is replaced last, atomically, so a
+cut-off save leaves the previous checkpoint readable.
 """
 
 from __future__ import annotations
@@ -49,11 +44,9 @@ import torch.nn.functional as F
 
 from vdit_sparse import shapes_world
 from vdit_sparse.atomicfile import atomic_write, atomic_write_json
-from vdit_sparse.pipelines.tiny import (
-    MAX_TEXT_TOKENS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_tokenizer,
-)
+from vdit_sparse.pipelines.tiny import MAX_TEXT_TOKENS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_tokenizer
 
-STAGES = ("vae", "dit", "export", "eval", "decoder-check")
+STAGES = ("vae", "dit", "export", "eval")
 STAGE_IDS = {"vae": 1, "dit": 2, "stats": 3}
 PART_BYTES = 15 * 2**20
 MAX_EXPORT_MB = 40
@@ -63,68 +56,41 @@ MAX_EXPORT_MB = 40
 class Recipe:
     """Sizes and optimisation settings of one training scale."""
 
-    frames: int  # of a generated clip (4k + 1)
+    frames: int  # of a training clip (4k + 1)
     height: int
     width: int
-    vae: dict = field(default_factory=dict)
-    dit: dict = field(default_factory=dict)
-    vae_frames: int = 9  # the VAE is causal and convolutional: it can train on shorter, smaller clips
-    vae_size: int | None = None  # side of the VAE's training clips; None: the recipe's height x width
-    vae_batch: int = 8
-    # None: decode a sample of the posterior (a standard VAE). A float: decode the posterior mean plus Gaussian
-    # noise of this std. With kl_weight 1e-4, sampling kept the posterior std near 1 for 1,000 CPU steps, and
-    # the decoder, fed latents that noisy, reproduced neither colour nor texture; the mean trains far faster.
-    vae_latent_noise: float | None = None
-    vae_lr: float = 3e-4
-    kl_weight: float = 1e-4  # on the per-element KL; keeps the posterior from collapsing
-    dit_batch: int = 32
-    dit_lr: float = 5e-4
+    vae: dict = field(default_factory=dict)  # PatchPCAAutoencoder's config
+    dit: dict = field(default_factory=dict)  # WanTransformer3DModel's config
+    vae_fit_clips: int = 320  # clips whose patches fit the PCA
+    dit_batch: int = 8
+    dit_lr: float = 1e-3
     warmup_steps: int = 200
+    total_steps: int = 7000  # the schedule's length: the rate decays linearly over its last decay_fraction
+    decay_fraction: float = 0.3
+    final_lr_fraction: float = 0.1
     ema_decay: float = 0.999
     caption_drop: float = 0.1  # classifier-free guidance: empty prompt this often
     shift: float = 3.0  # FlowMatchEulerDiscreteScheduler(shift=...) of the exported pipeline
-    stat_clips: int = 64  # clips whose VAE latents set latents_mean / latents_std
-    moments_dtype: str = "bfloat16"  # Adam moments on disk: bf16 keeps the DiT checkpoint carryable
-    save_every_min: float = 3.0
-    # Low-resolution DiT phase: (steps, frames, side, batch) trained before the full-size clips, or None.
-    dit_low_res: tuple[int, int, int, int] | None = None
-
-    def dit_clips(self, step: int) -> tuple[int, int, int, int]:
-        """(frames, height, width, batch) of DiT step ``step``."""
-        if self.dit_low_res is not None and step < self.dit_low_res[0]:
-            _, frames, side, batch = self.dit_low_res
-            return frames, side, side, batch
-        return self.frames, self.height, self.width, self.dit_batch
+    pool_clips: int = 24_000  # training clips kept as latents (fp16: 57 KiB each at 25 x 128 x 128)
+    save_every_min: float = 5.0
 
 
-# pipelines/tiny.py's shapes. The VAE trains on whole 25-frame clips: one trained on 9-frame clips only drifted
-# (darker, blurrier) on the latent frames it had never seen, when decoding 25 frames.
-DEFAULT = Recipe(frames=25, height=128, width=128, vae=dict(VAE_CONFIG), dit=dict(TRANSFORMER_CONFIG),
-                 vae_frames=25, vae_batch=4, vae_latent_noise=0.05)
-
-CPU = dataclasses.replace(
-    DEFAULT, vae_size=64, vae_batch=2, vae_lr=1e-3, warmup_steps=100,
-    dit_batch=4, dit_lr=1e-3, ema_decay=0.995, dit_low_res=(2000, 25, 64, 8), stat_clips=16,
-)
-
+CPU = Recipe(frames=25, height=128, width=128, vae=dict(VAE_CONFIG), dit=dict(TRANSFORMER_CONFIG))
+GPU = dataclasses.replace(CPU, dit_batch=32, dit_lr=5e-4, total_steps=6000, pool_clips=60_000)
 SMOKE = dataclasses.replace(
-    DEFAULT, frames=5, height=48, width=48, vae_frames=5, vae_size=32, vae_batch=2, dit_batch=2, warmup_steps=2, stat_clips=2,
-    moments_dtype="float32", vae=dict(DEFAULT.vae, base_dim=4), dit_low_res=(1, 5, 32, 2), vae_latent_noise=0.05,
-    dit=dict(DEFAULT.dit, num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32, num_layers=1),
+    CPU, frames=5, height=64, width=64, vae_fit_clips=4, dit_batch=2, warmup_steps=2, total_steps=10, pool_clips=6,
+    dit=dict(TRANSFORMER_CONFIG, num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32, num_layers=1),
 )
-
-RECIPES = {"h100": DEFAULT, "cpu": CPU, "smoke": SMOKE}
+RECIPES = {"cpu": CPU, "gpu": GPU, "smoke": SMOKE}
 
 
 # ---------------------------------------------------------------- components
 
 
-def build_vae(recipe: Recipe, latents_mean=None, latents_std=None, config: dict | None = None):
-    """The recipe's AutoencoderKLWan, or one of ``config`` (what a VAE checkpoint was trained with)."""
-    from diffusers import AutoencoderKLWan
+def build_vae(config: dict):
+    from vdit_sparse.pipelines.patch_vae import PatchPCAAutoencoder
 
-    extra = {} if latents_mean is None else dict(latents_mean=list(latents_mean), latents_std=list(latents_std))
-    return AutoencoderKLWan(**(config or recipe.vae), **extra)
+    return PatchPCAAutoencoder(**config)
 
 
 def build_transformer(recipe: Recipe):
@@ -207,14 +173,21 @@ def load_optimizer_state(optimizer, state: dict) -> None:
 # ---------------------------------------------------------------- training pieces
 
 
+# ---------------------------------------------------------------- training pieces
+
+
 def step_generator(seed: int, stage: str, step: int, device) -> torch.Generator:
     """The only randomness of one training step: a function of (seed, stage, step)."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + STAGE_IDS[stage] * 10_007 + step)
 
 
-def learning_rate(step: int, peak: float, warmup_steps: int) -> float:
-    """Linear warm-up to ``peak``, then constant (runs are cut by time, not by a step count)."""
-    return peak * min(1.0, (step + 1) / warmup_steps)
+def learning_rate(step: int, recipe: Recipe, peak: float | None = None) -> float:
+    """Linear warm-up to the peak, constant, then a linear decay to final_lr_fraction over the schedule's end."""
+    peak = recipe.dit_lr if peak is None else peak
+    warm = min(1.0, (step + 1) / recipe.warmup_steps)
+    decay_start = recipe.total_steps * (1 - recipe.decay_fraction)
+    progress = min(1.0, max(0.0, step - decay_start) / max(1.0, recipe.total_steps - decay_start))
+    return peak * warm * (1 - (1 - recipe.final_lr_fraction) * progress)
 
 
 def flow_matching_batch(x0: torch.Tensor, shift: float, generator: torch.Generator):
@@ -229,43 +202,45 @@ def flow_matching_batch(x0: torch.Tensor, shift: float, generator: torch.Generat
     return (1 - s) * x0 + s * eps, sigma, eps - x0
 
 
-def vae_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Generator, latent_noise: float | None = None):
-    """L1 + MSE reconstruction of video (B, 3, T, H, W) in [-1, 1], plus kl_weight * mean KL per latent.
+class LatentPool:
+    """Training clips of the stream ``seed`` as normalised latents, rendered once when first drawn.
 
-    The decoder sees a posterior sample, or with ``latent_noise`` the posterior mean plus noise of that std.
+    Step ``s`` takes samples ``s * batch ... (s + 1) * batch - 1`` of an endless sequence that visits
+    the pool's clips once per epoch in an order drawn from (seed, epoch).
     """
-    posterior = vae.encode(video).latent_dist
-    std = posterior.std if latent_noise is None else latent_noise
-    z = posterior.mean + std * torch.randn(posterior.mean.shape, device=video.device, generator=generator)
-    recon = vae.decode(z).sample
-    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
-    rec = reconstruction_error(recon, video)
-    return rec + kl_weight * kl, rec
 
+    def __init__(self, vae, recipe: Recipe, seed: int, device):
+        self.vae, self.recipe, self.seed, self.device = vae, recipe, seed, device
+        self.latents: dict[int, torch.Tensor] = {}  # clip index -> (C, T', H', W') fp16, normalised
+        self.captions: dict[int, str] = {}
+        self.mean = torch.tensor(vae.config.latents_mean, device=device).view(-1, 1, 1, 1)
+        self.std = torch.tensor(vae.config.latents_std, device=device).view(-1, 1, 1, 1)
+        self._orders: dict[int, torch.Tensor] = {}
 
-def reconstruction_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-    """Mean L1 + mean squared error of a reconstruction, in float32."""
-    diff = recon.float() - video
-    return diff.abs().mean() + diff.pow(2).mean()
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._orders = {epoch: torch.randperm(self.recipe.pool_clips, generator=g)}
+        return self._orders[epoch]
 
+    def clips_of(self, step: int, batch: int) -> list[int]:
+        size = self.recipe.pool_clips
+        return [int(self._order(i // size)[i % size]) for i in range(step * batch, (step + 1) * batch)]
 
-@torch.no_grad()
-def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
-    """Posterior means (B, z, T', H', W') of video (B, 3, T, H, W), in float32."""
-    return vae.encode(video).latent_dist.mode().float()
-
-
-@torch.no_grad()
-def latent_statistics(vae, recipe: Recipe, seed: int, device, autocast) -> tuple[list, list]:
-    """Per-channel mean and std of the latents of ``recipe.stat_clips`` training clips."""
-    latents = []
-    for step in range(max(1, recipe.stat_clips // 8)):
-        video, _ = shapes_world.render_batch(_stream(seed, "stats"), step, min(8, recipe.stat_clips),
-                                             recipe.frames, recipe.height, recipe.width, device=device)
-        with autocast():
-            latents.append(encode_latents(vae, video))
-    z = torch.cat(latents).transpose(0, 1).flatten(1)  # (z, N)
-    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+    @torch.no_grad()
+    def batch(self, step: int, batch: int) -> tuple[torch.Tensor, list[str]]:
+        """Normalised latents (B, C, T', H', W') float32 and captions of step ``step``."""
+        indices = self.clips_of(step, batch)
+        missing = [i for i in dict.fromkeys(indices) if i not in self.latents]
+        if missing:
+            r = self.recipe
+            specs = [shapes_world.sample_clip_spec(self.seed, i, r.frames, r.height, r.width) for i in missing]
+            video, _ = shapes_world.render_specs(specs, r.frames, r.height, r.width, device=self.device)
+            z = self.vae.encode(video.permute(0, 4, 1, 2, 3) * 2 - 1).latent_dist.mode()  # (b, C, T', H', W')
+            for i, spec, latent in zip(missing, specs, z):
+                self.latents[i] = ((latent - self.mean) / self.std).half()
+                self.captions[i] = spec.combo.caption()
+        return torch.stack([self.latents[i] for i in indices]).float(), [self.captions[i] for i in indices]
 
 
 def caption_table(pipe, device) -> dict[str, torch.Tensor]:
@@ -310,91 +285,76 @@ class Clock:
         self.slowest = max(self.slowest, seconds) if self.steps > 2 else self.slowest  # skip compile steps
 
 
-def train_vae(args, recipe: Recipe, device, autocast) -> dict:
-    torch.manual_seed(args.seed)
-    vae = build_vae(recipe).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    state = load_checkpoint(args.ckpt_dir, "vae")
-    step = 0
-    if state is not None and state.get("config", recipe.vae) != recipe.vae:
-        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: its VAE was trained with {state['config']}, not {recipe.vae}; "
-                         "give the same --vae-base-dim, or another --ckpt-dir")
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
-        step = state["step"]
-    clock, last_save = Clock(args.minutes, args.steps), time.monotonic()
-    while clock.more():
-        t0 = time.monotonic()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.vae_lr, recipe.warmup_steps)
-        side = recipe.vae_size or recipe.height
-        video, _ = shapes_world.render_batch(_stream(args.seed, "vae"), step, recipe.vae_batch, recipe.vae_frames, side,
-                                             side * recipe.width // recipe.height, device=device)
-        with autocast():
-            loss, rec = vae_loss(vae, video, recipe.kl_weight, step_generator(args.seed, "vae", step, device),
-                                 recipe.vae_latent_noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        clock.tick(time.monotonic() - t0)
-        _log(args, "vae", step, rec=rec.item(), s_per_step=time.monotonic() - t0)
-        if time.monotonic() - last_save > recipe.save_every_min * 60:
-            _save_vae(args, recipe, vae, optimizer, step)
-            last_save = time.monotonic()
-    _save_vae(args, recipe, vae, optimizer, step)
-    return dict(stage="vae", step=step, steps_this_call=clock.steps, seconds=round(time.monotonic() - clock.start, 1))
+def fit_vae(args, recipe: Recipe, device) -> dict:
+    """Fit the patch PCA on ``vae_fit_clips`` training clips and save it as the ``vae`` checkpoint."""
+    if load_checkpoint(args.ckpt_dir, "vae") is not None:
+        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: holds a fitted vae already; the DiT trained on it needs it as is")
+    vae = build_vae(recipe.vae).to(device)
+    t0 = time.monotonic()
+    batches = (shapes_world.render_batch(_stream(args.seed, "vae"), step, 8, recipe.frames, recipe.height,
+                                         recipe.width, device=device)[0]
+               for step in range(max(1, recipe.vae_fit_clips // 8)))
+    info = vae.fit(batches)
+    save_checkpoint(dict(step=0, seed=args.seed, model=vae.state_dict(), config=vae.init_config()), args.ckpt_dir, "vae")
+    return dict(stage="vae", seconds=round(time.monotonic() - t0, 1), **{k: round(v, 4) for k, v in info.items()})
 
 
-def _save_vae(args, recipe, vae, optimizer, step):
-    moments = getattr(torch, recipe.moments_dtype)
-    state = dict(step=step, seed=args.seed, model=vae.state_dict(), optimizer=optimizer_state(optimizer, moments),
-                 config=dict(recipe.vae))  # later stages build the VAE from this, whatever flags they get
-    save_checkpoint(state, args.ckpt_dir, "vae")
+def load_vae(ckpt_dir: Path):
+    state = load_checkpoint(ckpt_dir, "vae")
+    if state is None:
+        raise SystemExit(f"--ckpt-dir {ckpt_dir}: no vae.json there; run --stage vae first")
+    vae = build_vae({k: v for k, v in state["config"].items() if not k.startswith("_")}).eval()
+    vae.load_state_dict(state["model"])
+    return vae
 
 
-def train_dit(args, recipe: Recipe, device, autocast) -> dict:
-    vae_state = load_checkpoint(args.ckpt_dir, "vae")
-    if vae_state is None:
-        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: no vae.json there; run --stage vae first")
-    vae = build_vae(recipe, config=vae_state.get("config")).to(device).eval().requires_grad_(False)
-    vae.load_state_dict(vae_state["model"])
+def init_from_pipeline(args, recipe: Recipe, transformer) -> None:
+    """Start a new run from a shipped pipeline directory: its transformer, and its autoencoder as the vae checkpoint."""
+    from diffusers import WanTransformer3DModel
+
+    from vdit_sparse.pipelines.patch_vae import PatchPCAAutoencoder
+
+    if not (args.init_from / "model_index.json").is_file():
+        raise SystemExit(f"--init-from {args.init_from}: not a pipeline directory (no model_index.json)")
+    shipped = WanTransformer3DModel.from_pretrained(args.init_from / "transformer")
+    transformer.load_state_dict(shipped.state_dict())
+    if load_checkpoint(args.ckpt_dir, "vae") is None:
+        vae = PatchPCAAutoencoder.from_pretrained(args.init_from / "vae")
+        save_checkpoint(dict(step=0, seed=args.seed, model=vae.state_dict(), config=vae.init_config()), args.ckpt_dir, "vae")
+
+
+def train_dit(args, recipe: Recipe, device) -> dict:
     torch.manual_seed(args.seed + 2)
     transformer = build_transformer(recipe).to(device).train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=recipe.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
     state = load_checkpoint(args.ckpt_dir, "dit")
+    if state is None and args.init_from is not None:
+        init_from_pipeline(args, recipe, transformer)
+    vae = load_vae(args.ckpt_dir).to(device)
+    peak = args.lr or recipe.dit_lr
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=peak, betas=(0.9, 0.99), weight_decay=0.01)
     if state is None:
-        mean, std = latent_statistics(vae, recipe, args.seed, device, autocast)
         ema = {n: p.detach().float().clone() for n, p in transformer.named_parameters()}
-        step = 0
+        step, losses = 0, []
     else:
         transformer.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         ema = {n: t.to(device) for n, t in state["ema"].items()}
-        mean, std, step = state["latents_mean"], state["latents_std"], state["step"]
+        step, losses = state["step"], state.get("losses", [])
     pipe = build_pipeline(recipe, args.seed, transformer, vae).to(device)
     table = caption_table(pipe, device)
+    pool = LatentPool(vae, recipe, _stream(args.seed, "dit"), device)
     forward = torch.compile(transformer) if args.compile else transformer
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1, 1)
-    clock, last_save = Clock(args.minutes, args.steps), time.monotonic()
+    clock, last_save, window = Clock(args.minutes, args.steps), time.monotonic(), []
     while clock.more():
         t0 = time.monotonic()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.dit_lr, recipe.warmup_steps)
+            group["lr"] = learning_rate(step, recipe, peak)
         generator = step_generator(args.seed, "dit", step, device)
-        frames, height, width, batch = recipe.dit_clips(step)
-        video, captions = shapes_world.render_batch(_stream(args.seed, "dit"), step, batch, frames, height, width,
-                                                    device=device)
-        with autocast():
-            x0 = (encode_latents(vae, video) - mean_t) / std_t  # (B, 16, T', H', W')
+        x0, captions = pool.batch(step, recipe.dit_batch)  # (B, 16, T', H', W')
         drop = torch.rand(len(captions), device=device, generator=generator) < recipe.caption_drop
         text = torch.stack([table["" if d else c] for c, d in zip(captions, drop.tolist())])  # (B, L, TEXT_DIM)
         x_t, sigma, v = flow_matching_batch(x0, recipe.shift, generator)
-        with autocast():
-            pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        pred = forward(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), v)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -402,44 +362,44 @@ def train_dit(args, recipe: Recipe, device, autocast) -> dict:
         optimizer.step()
         ema_update(ema, transformer, min(recipe.ema_decay, (1 + step) / (10 + step)))
         step += 1
+        window.append(loss.item())
+        if len(window) == 50:  # the loss curve of the model card: one mean per 50 steps
+            losses.append([step, round(sum(window) / len(window), 5), round(time.monotonic() - clock.start, 1)])
+            window = []
         clock.tick(time.monotonic() - t0)
-        _log(args, "dit", step, loss=loss.item(), s_per_step=time.monotonic() - t0)
+        _log(args, "dit", step, loss=loss.item(), lr=learning_rate(step - 1, recipe, peak), s_per_step=time.monotonic() - t0)
         if time.monotonic() - last_save > recipe.save_every_min * 60:
-            _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step)
+            _save_dit(args, transformer, optimizer, ema, step, losses)
             last_save = time.monotonic()
-    _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step)
+    _save_dit(args, transformer, optimizer, ema, step, losses)
     return dict(stage="dit", step=step, steps_this_call=clock.steps, seconds=round(time.monotonic() - clock.start, 1))
 
 
-def _save_dit(args, recipe, transformer, optimizer, ema, mean, std, step):
-    moments = getattr(torch, recipe.moments_dtype)
-    state = dict(
-        step=step, seed=args.seed, model=transformer.state_dict(), optimizer=optimizer_state(optimizer, moments),
-        ema={n: t.cpu() for n, t in ema.items()}, latents_mean=mean, latents_std=std,
-    )
+def _save_dit(args, transformer, optimizer, ema, step, losses):
+    state = dict(step=step, seed=args.seed, model=transformer.state_dict(), optimizer=optimizer_state(optimizer, torch.float32),
+                 ema={n: t.cpu() for n, t in ema.items()}, losses=losses)
     save_checkpoint(state, args.ckpt_dir, "dit")
 
 
 def export(args, recipe: Recipe) -> dict:
-    """A WanPipeline directory: EMA transformer, trained VAE with its latent statistics, frozen UMT5."""
-    vae_state, dit_state = load_checkpoint(args.ckpt_dir, "vae"), load_checkpoint(args.ckpt_dir, "dit")
-    if vae_state is None or dit_state is None:
-        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: needs vae.json and dit.json; train both stages first")
-    vae = build_vae(recipe, dit_state["latents_mean"], dit_state["latents_std"], vae_state.get("config")).eval()
-    vae.load_state_dict(vae_state["model"])
+    """A WanPipeline directory: EMA transformer, the fitted autoencoder, frozen UMT5."""
+    dit_state = load_checkpoint(args.ckpt_dir, "dit")
+    if dit_state is None:
+        raise SystemExit(f"--ckpt-dir {args.ckpt_dir}: needs dit.json; run --stage dit first")
+    vae = load_vae(args.ckpt_dir)
     transformer = build_transformer(recipe).eval()
     transformer.load_state_dict(dit_state["model"])
     transformer.load_state_dict(dit_state["ema"], strict=False)  # the EMA holds parameters only
     pipe = build_pipeline(recipe, args.seed, transformer, vae)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
-    provenance = dict(seed=args.seed, vae_steps=vae_state["step"], dit_steps=dit_state["step"], smoke=args.smoke,
-                      recipe=dataclasses.asdict(recipe))
+    provenance = dict(seed=args.seed, dit_steps=dit_state["step"], smoke=args.smoke, recipe=dataclasses.asdict(recipe),
+                      loss_curve=dit_state.get("losses", []))
     atomic_write_json(args.out / "training.json", provenance)
     size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
     if size_mb > MAX_EXPORT_MB:
         raise SystemExit(f"export {args.out}: {size_mb:.1f} MiB, over the {MAX_EXPORT_MB} MiB budget")
-    return dict(stage="export", out=str(args.out), size_mb=round(size_mb, 2), **provenance)
+    return dict(stage="export", out=str(args.out), size_mb=round(size_mb, 2), dit_steps=dit_state["step"])
 
 
 @torch.no_grad()
@@ -453,6 +413,7 @@ def evaluate(args, recipe: Recipe, device) -> dict:
     from diffusers import WanPipeline
 
     import vdit_sparse
+    from vdit_sparse.pipelines import patch_vae  # noqa: F401  lets from_pretrained load the vae's class
     from vdit_sparse.quality.prompt_following import accuracy_of, prompt_following
 
     if not (args.out / "model_index.json").exists():
@@ -522,63 +483,12 @@ def _write_strip(path: Path, samples) -> None:
     atomic_write(path, png.getvalue())
 
 
-def check_decoder(args, recipe: Recipe, device, autocast) -> dict:
-    """Can the VAE's decoder learn at this size? Train it alone for ``--steps`` steps (single frames, batch 16)
-    on the easiest latent there is, the average-pooled image (3 of the latent channels), and report the
-    L1 error on held-out object pixels and background pixels before and after.
-
-    On CPU the decoder of VAE_CONFIG stayed at object L1 0.62-0.69 after 150-230 steps while a plain
-    2-D conv autoencoder reached 0.28 after 50, and the same decoder with its per-position channel RMS
-    norm swapped (in an experiment only) for a channel-and-space normalisation reached 0.39 after 172
-    (docs/embedded_model.md). Run this before training; ``--vae-base-dim`` tries other widths.
-    Writes nothing.
-    """
-    torch.manual_seed(args.seed)
-    vae = build_vae(recipe).to(device).train()
-    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=recipe.vae_lr, betas=(0.9, 0.99))
-    side, factor, z_dim = recipe.vae_size or recipe.height, recipe.vae["scale_factor_spatial"], recipe.vae["z_dim"]
-
-    def images(stream: int, step: int, n: int) -> torch.Tensor:
-        video, _ = shapes_world.render_batch(stream, step, n, 2, side, side, device=device)
-        return video[:, :, :1]  # (n, 3, 1, side, side): first frames
-
-    def decode_pooled(video: torch.Tensor) -> torch.Tensor:
-        z = F.avg_pool3d(video, (1, factor, factor)) * 2
-        z = torch.cat([z, z.new_zeros(z.shape[0], z_dim - 3, *z.shape[2:])], dim=1)
-        return vae.decode(z).sample.float()
-
-    held = images(_stream(args.seed, "vae") + 7, 0, 16)
-    objects = ((held.amax(1) - held.amin(1)) / 2 > 0.5).unsqueeze(1).expand_as(held)  # saturated pixels
-
-    @torch.no_grad()
-    def errors() -> dict:
-        with autocast():
-            err = (decode_pooled(held) - held).abs()
-        return dict(object_l1=round(err[objects].mean().item(), 4), background_l1=round(err[~objects].mean().item(), 4))
-
-    before, t0 = errors(), time.monotonic()
-    steps = args.steps or 300
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.vae_lr, min(recipe.warmup_steps, steps // 4 + 1))
-        video = images(_stream(args.seed, "vae") + 5, step, 16)
-        with autocast():
-            recon = decode_pooled(video)
-        loss = reconstruction_error(recon, video)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    after = errors()
-    return dict(stage="decoder-check", steps=steps, seconds=round(time.monotonic() - t0, 1), before=before, after=after,
-                learns=after["object_l1"] < 0.35)
-
-
 # ---------------------------------------------------------------- command line
 
 
 def _log(args, stage: str, step: int, **values) -> None:
     if step % args.log_every == 0:
-        print(f"{stage} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+        print(f"{stage} step {step} " + " ".join(f"{k} {v:.4g}" for k, v in values.items()), flush=True)
 
 
 def parse_args(argv=None):
@@ -587,16 +497,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=STAGES, required=True)
     p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoints; a stage resumes from what it finds here")
-    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call's training loop")
+    p.add_argument("--minutes", type=float, default=140.0, help="wall-clock budget of this call's training loop")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=packaged_weights_dir(), help="export: the pipeline directory")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="h100",
-                   help="h100: full-size clips throughout; cpu: 64-pixel VAE crops and a low-resolution DiT phase")
-    p.add_argument("--smoke", action="store_true", help="micro scale (32x32, 5 frames, tiny models) for CPU tests")
-    p.add_argument("--vae-base-dim", type=int, help="override the VAE's base_dim (vae and decoder-check stages; later "
-                   "stages read it from the VAE checkpoint), e.g. to find the smallest width whose decoder learns")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (CUDA)")
+    p.add_argument("--out", type=Path, default=packaged_weights_dir(), help="export/eval: the pipeline directory")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
+                   help="cpu: one thread, batch 8 (the shipped weights); gpu: batch 32")
+    p.add_argument("--smoke", action="store_true", help="micro scale (64x64, 5 frames, a 1-layer DiT) for CPU tests")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="dit: start a new --ckpt-dir from a pipeline directory (e.g. the shipped weights)")
+    p.add_argument("--lr", type=float, default=None, help="dit: peak learning rate (default: the recipe's)")
+    p.add_argument("--total-steps", type=int, default=None, help="dit: length of the rate schedule (default: the recipe's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one leaves the other core free)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (about 10%% faster on CPU)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-clips", type=int, default=36, help="eval: clips per split")
@@ -608,18 +521,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.minutes <= 0:
         p.error(f"--minutes {args.minutes}: must be > 0")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps {args.steps}: must be >= 1")
-    if args.vae_base_dim is not None and (args.vae_base_dim < 4 or args.vae_base_dim % 4):
-        p.error(f"--vae-base-dim {args.vae_base_dim}: must be a multiple of 4, at least 4")
+    for name in ("steps", "total_steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.lr is not None and not 0 < args.lr < 1:
+        p.error(f"--lr {args.lr}: must be in (0, 1)")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
-    if args.smoke:  # micro tensors gain nothing from threads, and a busy CPU makes them thrash
-        torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     try:
         result = run_stage(args)
     finally:
@@ -630,22 +543,18 @@ def main(argv=None) -> dict:
 
 def run_stage(args) -> dict:
     recipe = SMOKE if args.smoke else RECIPES[args.recipe]
-    if args.vae_base_dim is not None:
-        recipe = dataclasses.replace(recipe, vae=dict(recipe.vae, base_dim=args.vae_base_dim))
+    if args.total_steps is not None:
+        recipe = dataclasses.replace(recipe, total_steps=args.total_steps)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_cuda = device.type == "cuda"
-    if on_cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda)  # noqa: E731
+    if args.stage == "vae":
+        return fit_vae(args, recipe, device)
     if args.stage == "export":
         return export(args, recipe)
     if args.stage == "eval":
         return evaluate(args, recipe, device)
-    if args.stage == "decoder-check":
-        return check_decoder(args, recipe, device, autocast)
-    train = train_vae if args.stage == "vae" else train_dit
-    return train(args, recipe, device, autocast)
+    return train_dit(args, recipe, device)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ def tiny_pipe():
     return pipe
 
 
-def run_tiny(pipe, seed=0, steps=2, frames=9, size=32, **kw):
-    """A small, fast run of the tiny pipeline: (T, H, W, 3) float frames."""
+def run_tiny(pipe, seed=0, steps=2, frames=9, size=64, **kw):
+    """A small, fast run of the tiny pipeline: (T, H, W, 3) float frames (9 frames at 64 px: 3 x 4 x 4 tokens)."""
     out = pipe(
         prompt=kw.pop("prompt", "a red square moving right"), num_frames=frames, height=size, width=size,
         num_inference_steps=steps, max_sequence_length=16, generator=torch.Generator().manual_seed(seed),

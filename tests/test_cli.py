@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SMALL = ["--steps", "2", "--frames", "9", "--height", "32", "--width", "32"]
+SMALL = ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64"]
 
 
 def cli(*args, cwd=None):
@@ -18,7 +18,7 @@ def test_generate_writes_a_playable_mp4_and_sidecar(tmp_path):
     r = cli("generate", "a red circle", *SMALL, "--out", str(out), "seed=3")
     assert r.returncode == 0, r.stderr
     frames = _read_ffmpeg(out)
-    assert frames.shape[0] == 9 and frames.shape[1:3] == (32, 32)
+    assert frames.shape[0] == 9 and frames.shape[1:3] == (64, 64)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["seed"] == 3 and side["config"]["model"]["steps"] == 2
     assert side["config"]["prompt"] == "a red circle"
@@ -47,15 +47,20 @@ def test_generate_gif_and_refuses_to_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--attention", "fast"], "attention='fast': unknown; known: dense"),
-    (["--cache", "lru"], "cache='lru': unknown; known: none"),
-    (["--density", "0"], "density=0.0: must be a number in (0, 1]"),
-    (["--density", "1.5"], "density=1.5"),
+    (["--attention", "fast"], "attention='fast': unknown method; known methods are dense"),
+    (["--cache", "lru"], "cache='lru': unknown cache; known caches are none"),
+    (["--attention", "svg", "--density", "0"], "density=0.0: must be a number in (0, 1]"),
+    (["--attention", "svg2", "--density", "1.5"], "density=1.5"),
+    (["--density", "0.5"], "density: not a setting of attention='dense'"),
     (["--frames", "10"], "frames=10: this model takes 4k + 1 frames"),
-    (["--height", "100"], "height=100: this model takes multiples of 8"),
+    (["--height", "100"], "height=100: this model takes multiples of 16"),
     (["--model", "/no/such/model"], "not a diffusers pipeline directory"),
     (["--out", "clip.avi"], "must end in .mp4 or .gif"),
-    (["attention.sparsity=0.5"], "unknown parameter sparsity"),
+    (["attention.sparsity=0.5"], "sparsity: not a setting of attention='dense'"),
+    (["--attention", "svg", "--top-p", "0.5"], "top_p: not a setting of attention='svg'; its settings are"),
+    (["--threshold", "-10"], "threshold: a tile-skip setting, used only with cache='tileskip'"),
+    (["--dense-backend", "nope"], "dense_backend='nope': not a diffusers attention backend"),
+    (["--dense-backend", "xformers"], "dense_backend='xformers'"),
     (["notakeyvalue"], "expected KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
@@ -69,7 +74,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
 
 
 def test_bad_input_from_the_installed_command_exits_2(tmp_path):
-    r = cli("generate", "a red circle", "--density", "0", cwd=tmp_path)
+    r = cli("generate", "a red circle", "--attention", "svg", "--density", "0", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["vdit-sparse: error: density=0.0: must be a number in (0, 1]"]
     assert list(tmp_path.iterdir()) == []
 

@@ -39,7 +39,7 @@ class FakeGenerator:
         if req.attention == "dense":
             density, frames = 1.0, clean
         else:
-            density = float(req.params.get("density", 0.5))
+            density = float(req.settings.get("density", 0.5))
             noise = np.random.default_rng(req.seed).normal(0, 0.1 * (1 - density), clean.shape)
             frames = np.clip(clean + noise, 0, 1).astype(np.float32)
         stats = [
@@ -72,7 +72,7 @@ def test_one_prompt_writes_the_contract_with_numbers_from_the_same_seed(dirs):
     gen = FakeGenerator()
     assert _run(["a red square", "--attention", "svg2", "--density", "0.2", "--seed", "3"], dirs, gen) == 0
     dense, fast = gen.calls
-    assert dense.attention == "dense" and dense.params == {} and fast.attention == "svg2"
+    assert dense.attention == "dense" and dense.settings == {} and fast.attention == "svg2"
     assert dense.seed == fast.seed == 3 and dense.prompt == fast.prompt
     m = _metrics(dirs)
     (entry,) = m["prompts"]
@@ -104,7 +104,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
     assert leftovers == []  # no half-written run
     resumed = FakeGenerator()
     _run(argv, dirs, resumed)
-    assert [r.params["density"] for r in resumed.calls] == [0.2, 0.4]
+    assert [r.settings["density"] for r in resumed.calls] == [0.2, 0.4]
     m = _metrics(dirs)
     assert len(m["prompts"]) == 3 and [s["setting"] for s in m["sweep"]] == [{"density": d} for d in (0.1, 0.2, 0.4)]
     psnrs = [s["mean"]["psnr"] for s in m["sweep"]]
@@ -142,8 +142,9 @@ def test_dense_against_dense_is_identical_and_runs_once(dirs):
         (["--prompts", "/nonexistent/prompts.txt"], "--prompts '/nonexistent/prompts.txt': no such file"),
         (["p", "--sweep", "density"], "--sweep 'density': expected KEY=V1,V2"),
         (["p", "--sweep", "density=0.1,"], "expected KEY=V1,V2"),
-        (["p", "--sweep", "colour=1,2"], "unknown key 'colour'; allowed: attention, cache, density"),
-        (["p", "--sweep", "density=0.2,2"], "density=2"),
+        (["p", "--sweep", "colour=1,2"], "unknown key 'colour'; allowed: attention, cache, warmup_steps"),
+        (["p", "--attention", "svg", "--sweep", "density=0.2,2"], "density=2"),
+        (["p", "--attention", "svg", "--sweep", "top_p=0.5"], "top_p: not a setting of attention='svg'"),
         (["p", "--sweep", "density=0.1", "--sweep", "density=0.2"], "swept twice"),
     ],
 )
@@ -189,7 +190,7 @@ def test_with_prompts_a_key_value_positional_is_an_override(dirs, tmp_path):
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_model(dirs):
     """The real pipeline (loaded once, warmed up), a dense reference from the cache on the second run."""
-    argv = ["a red square moving right", "--attention", "svg2", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32"]
+    argv = ["a red square moving right", "--attention", "svg2", "--steps", "1", "--frames", "5", "--height", "64", "--width", "64"]
     assert _run(argv, dirs, None) == 0
     m = _metrics(dirs)
     (entry,) = m["prompts"]

@@ -131,7 +131,11 @@ def test_bad_arguments_are_named(tiny_pipe):
     with pytest.raises(ValueError, match="cache='lru'"):
         vs.accelerate(tiny_pipe, cache="lru")
     with pytest.raises(ValueError, match="density=2"):
-        vs.accelerate(tiny_pipe, attention="dense", density=2)
+        vs.accelerate(tiny_pipe, attention="svg", density=2)
+    with pytest.raises(ValueError, match="density: not a setting of attention='dense'"):
+        vs.accelerate(tiny_pipe, attention="dense", density=0.5)
+    with pytest.raises(ValueError, match="top_p: not a setting of attention='svg'; its settings are"):
+        vs.accelerate(tiny_pipe, attention="svg", top_p=0.5)
     acc = vs.accelerate(tiny_pipe)
     try:
         with pytest.raises(ValueError, match="already accelerated"):
@@ -155,6 +159,7 @@ def test_tuned_table_overrides_one_layer(tiny_pipe, diagonal_method):
 def test_compiled_and_eager_accelerated_pipelines_agree_without_recompiling_per_step(tiny_pipe, diagonal_method):
     from torch._dynamo.utils import counters
 
+    plain = run_tiny(tiny_pipe, steps=4)  # before anything is installed: the reference for remove()
     acc = vs.accelerate(tiny_pipe, attention="diagonal", warmup_steps=1)
     try:
         eager = run_tiny(tiny_pipe, steps=4)
@@ -173,8 +178,38 @@ def test_compiled_and_eager_accelerated_pipelines_agree_without_recompiling_per_
     # 4 steps × 2 branches: the frames compile once each, not once per step
     assert counters["stats"]["unique_graphs"] <= 12, dict(counters["stats"])
     assert tiny_pipe.transformer._compiled_call_impl is None
-    assert np.array_equal(run_tiny(tiny_pipe, steps=4), _plain(tiny_pipe))
+    assert np.array_equal(run_tiny(tiny_pipe, steps=4), plain)
 
 
-def _plain(pipe):
-    return run_tiny(pipe, steps=4)
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("cache", ["none", "tileskip"])
+def test_python_and_cli_resolve_the_same_settings(tiny_pipe, method, cache):
+    """accelerate(pipe, attention=m) and `generate --attention m` build one settings object, defaults included."""
+    from vdit_sparse.cli import build_parser
+    from vdit_sparse.generate import parse_generation_args, request_from_args, resolve, run_settings
+
+    args = parse_generation_args(build_parser(), ["generate", "p", "--attention", method, "--cache", cache])
+    req = request_from_args(args, "p")
+    cli = run_settings(resolve(req), req)
+    acc = vs.accelerate(tiny_pipe, attention=method, cache=cache)
+    acc.remove()
+    assert acc.policy.settings == cli and type(cli) is METHODS[method].Settings
+    assert cli.warmup_steps == METHODS[method].Settings().warmup_steps
+
+
+def test_python_and_cli_make_the_same_video(tiny_pipe):
+    from vdit_sparse.cli import build_parser
+    from vdit_sparse.generate import parse_generation_args, request_from_args, run_generation
+
+    argv = ["generate", "a red square moving right", "--attention", "svg", "--steps", "4", "--frames", "9",
+            "--height", "64", "--width", "64", "--density", "0.4"]
+    req = request_from_args(parse_generation_args(build_parser(), argv), argv[1])
+    cli = run_generation(req, pipe=tiny_pipe, progress=False)
+    acc = vs.accelerate(tiny_pipe, attention="svg", density=0.4)
+    try:
+        py = run_tiny(tiny_pipe, steps=4, guidance_scale=cli.config["model"]["guidance_scale"])
+        methods = [r["method"] for r in acc.stats()]
+    finally:
+        acc.remove()
+    assert methods.count("dense") == 2 * len(tiny_pipe.transformer.blocks)  # svg's default warm-up: 1 of 4 steps, 2 branches
+    assert np.array_equal(cli.frames_float, py)

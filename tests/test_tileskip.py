@@ -89,7 +89,10 @@ def test_marks_are_kept_per_state_and_dropped_for_heads_whose_segments_change():
     q, k, v = planted(IMPORTANT)
     a, b = {}, {}
     step(q, k, v, a, 0)
-    assert "tileskip" not in b
+    other = IMPORTANT.clone()
+    other[0, 1] = True
+    step(*planted(other), b, 0)  # another state, other negligible tiles: its marks must not leak into a's
+    assert torch.equal(a["tileskip"].marks[0], ~IMPORTANT) and torch.equal(b["tileskip"].marks[0], ~other)
     plan = full_plan(1, 1, N, block=BS)
     run_with_tileskip(q, k, v, plan, a, step=1, num_steps=None, threshold=-10.0, refresh_every=5,
                       identity=torch.tensor([7]))
@@ -99,6 +102,15 @@ def test_marks_are_kept_per_state_and_dropped_for_heads_whose_segments_change():
                                            refresh_every=5, identity=torch.tensor([8]))
     assert float(stats["tiles_skipped"]) == 0.0  # the head's identity changed: nothing skipped from old marks
     assert torch.equal(a["tileskip"].marks, marks_before)  # and rebuilt from this call's statistics
+
+
+def test_the_threshold_is_in_log2_units():
+    """A tile 8 natural-log units below the row maximum is 11.5 log2 units below it: skipped at -10, kept at -12."""
+    q, k, v = planted(IMPORTANT, gap=8.0)
+    for threshold, marked in ((-10.0, True), (-12.0, False)):
+        state = {}
+        step(q, k, v, state, 0, threshold=threshold)
+        assert torch.equal(state["tileskip"].marks[0], ~IMPORTANT if marked else torch.zeros_like(IMPORTANT)), threshold
 
 
 def test_early_steps_use_a_stricter_threshold():
@@ -125,13 +137,13 @@ def test_pipeline_keeps_marks_per_branch_and_layer_and_remove_releases_them(tiny
     seen = {}
 
     def capture(pipe, i, t, kwargs):  # per-run state is gone once the pipeline returns: look mid-run
-        seen.update({key: s["tileskip"].marks for key, s in acc._method_state.items()})
+        seen.update({key: s["tileskip"].marks for key, s in acc.states.items()})
         return kwargs
 
     try:  # 17 frames -> 5 latent frames of 4x4 tokens: 80 tokens in 5 blocks of 16
-        run_tiny(tiny_pipe, steps=3, frames=17, size=32, callback_on_step_end=capture)
+        run_tiny(tiny_pipe, steps=3, frames=17, size=64, callback_on_step_end=capture)
         table = acc.stats()
-        after_run = dict(acc._method_state)
+        after_run = dict(acc.states.items())
     finally:
         acc.remove()
     state_keys, marks = set(seen), seen
@@ -142,4 +154,4 @@ def test_pipeline_keeps_marks_per_branch_and_layer_and_remove_releases_them(tiny
     assert any(r["tiles_skipped"] > 0 for r in later)
     for r in later:  # the realised density counts the skipped tiles
         assert r["density"] == pytest.approx(1.0 - r["pairs_skipped"], abs=1e-6)
-    assert after_run == {} and acc._method_state == {}
+    assert after_run == {} and dict(acc.states.items()) == {}

@@ -10,11 +10,11 @@ import torch
 from tests.conftest import run_tiny
 from vdit_sparse import VideoLayout
 from vdit_sparse.errors import UserError
-from vdit_sparse.integration import CallInfo
-from vdit_sparse.params import Params
-from vdit_sparse.tune_calibrate import Recorder, candidates, sampled_steps
-from vdit_sparse.tune_cost import FALLBACK, FORMAT, CallShape, load_cost_model, proportional
-from vdit_sparse.tune_search import BINS, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
+from vdit_sparse.methods import AttentionContext
+from vdit_sparse.settings import settings_for
+from vdit_sparse.tune.calibrate import Recorder, candidates, sampled_steps
+from vdit_sparse.tune.cost import FALLBACK, FORMAT, CallShape, load_cost_model, proportional
+from vdit_sparse.tune.search import BINS, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
 
 # --- calibration ---------------------------------------------------------------------------------------
@@ -36,12 +36,13 @@ def _clustered_qkv(layout, heads=2, dim=16, seed=0):
 @pytest.mark.parametrize("method", ["svg", "svg2"])
 def test_calibration_curve_falls_with_density_and_is_zero_when_dense(method):
     layout = VideoLayout(frames=4, height=4, width=4)
-    base = Params().updated(block_size=8)
+    base = settings_for(method, {"block_size": 8})
     cands = candidates(method, "none", "density", [0.15, 0.3, 0.6, 1.0], base)
     rec = Recorder(cands, sample_steps={0}, share_state=True)
     q, k, v = _clustered_qkv(layout)
     exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    rec.observe("transformer", 0, CallInfo("transformer", "cond", 0, 4, layout), q, k, v, exact)
+    q, k, v, exact = (t.transpose(1, 2) for t in (q, k, v, exact))  # (B, H, N, D), as the handle's observers get them
+    rec(AttentionContext(layout, layer=0, step=0, num_steps=4, branch="cond"), q, k, v, exact, False)
     curve = rec.curve(0)  # (error, density) per candidate: 0.15, 0.3, 0.6, 1.0, dense
     errors = [e for e, _ in curve]
     assert errors[3] < 1e-5 and errors[4] < 1e-6  # density 1.0 and the dense option are exact
@@ -58,8 +59,9 @@ def test_sampled_steps_skip_warmup_and_spread():
 
 
 def test_svg2_candidates_share_one_kmeans_advance():
-    cands = candidates("svg2", "none", "density", [0.1, 0.2], Params())
-    assert [c.params.kmeans_iters_step for c in cands] == [2, 0, Params().kmeans_iters_step]
+    cands = candidates("svg2", "none", "density", [0.1, 0.2], settings_for("svg2"))
+    assert [c.params.kmeans_iters_step for c in cands[:2]] == [2, 0]
+    assert cands[-1].method == "dense" and cands[-1].params.warmup_steps == 0.25  # dense keeps the run's shared settings
     assert cands[-1].setting == {"attention": "dense"}
 
 
@@ -148,7 +150,7 @@ def test_measured_cost_model_interpolates_per_block_and_scales_with_work(tmp_pat
 def test_table_round_trips_and_applies_per_layer(tmp_path, tiny_pipe):
     from vdit_sparse import accelerate
     from vdit_sparse.config import load_tuned_table
-    from vdit_sparse.tune import write_table
+    from vdit_sparse.tune.command import write_table
 
     chosen = {0: Option({"attention": "dense"}, 0.0, 1.0, 1.0), 1: Option({"density": 0.3}, 0.1, 0.3, 0.3)}
     path = tmp_path / "t.yaml"
@@ -182,7 +184,7 @@ SMALL = ["--frames", "9", "--height", "64", "--width", "64"]
 
 
 def test_tune_command_writes_table_and_report(tmp_path, tiny_pipe, capsys):
-    from vdit_sparse import tune
+    from vdit_sparse.tune import command as tune
     from vdit_sparse.config import load_tuned_table
 
     out = tmp_path / "tuned" / "svg-small.yaml"
@@ -205,7 +207,7 @@ def test_tune_command_writes_table_and_report(tmp_path, tiny_pipe, capsys):
 
 
 def test_tune_tileskip_thresholds_meet_the_error_target(tmp_path, tiny_pipe):
-    from vdit_sparse import tune
+    from vdit_sparse.tune import command as tune
     from vdit_sparse.config import load_tuned_table
 
     out = tmp_path / "ts.yaml"
@@ -232,7 +234,7 @@ def test_tune_tileskip_thresholds_meet_the_error_target(tmp_path, tiny_pipe):
     (["--attention", "svg", "--target-error", "0.1", "--out", "EXISTS"], "exists; pass --overwrite"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, match):
-    from vdit_sparse import tune
+    from vdit_sparse.tune import command as tune
 
     existing = tmp_path / "t.yaml"
     existing.write_text("layers: {}\n")
@@ -246,13 +248,13 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
     """The --target-psnr loop on synthetic curves, with runs replaced by a known error -> PSNR law."""
     import argparse
 
-    from vdit_sparse import tune
+    from vdit_sparse.tune import command as tune
     from vdit_sparse.config import load_tuned_table
-    from vdit_sparse.tune_calibrate import Candidate
+    from vdit_sparse.tune.calibrate import Candidate
 
     densities = (0.1, 0.2, 0.4)
-    cands = [Candidate({"density": d}, "svg", Params(), "none") for d in densities]
-    cands.append(Candidate({"attention": "dense"}, "dense", Params(), "none"))
+    cands = [Candidate({"density": d}, "svg", settings_for("svg", {"density": d}), "none") for d in densities]
+    cands.append(Candidate({"attention": "dense"}, "dense", settings_for("dense"), "none"))
     options = {layer: _curve([0.4 * s, 0.2 * s, 0.08 * s, 0.0], densities + (1.0,)) for layer, s in ((0, 0.3), (1, 1.0), (2, 2.0))}
 
     def law(error):  # PSNR of a run whose mean attention error is ``error``
@@ -260,7 +262,7 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
 
     def fake_psnr_of(pipe, requests, references, desc, tuned=None):
         if tuned is None:  # a uniform run
-            i = densities.index(requests[0].params["density"])
+            i = densities.index(requests[0].settings["density"])
             return law(sum(o[i].error for o in options.values()) / len(options))
         table = load_tuned_table(str(tuned))
         err = sum(next(o.error for o in options[layer] if o.setting == s) for layer, s in table.items()) / len(table)

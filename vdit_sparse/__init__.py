@@ -18,10 +18,9 @@ if not (_Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" 
 
 from .attention import sparse_attention  # noqa: E402
 from .layout import VideoLayout  # noqa: E402
-from .params import Params  # noqa: E402
 from .plan import BlockPlan  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {  # these import diffusers, which takes seconds: load them on first use
     "accelerate": ("integration", "accelerate"),
@@ -39,4 +38,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'vdit_sparse' has no attribute {name!r}")
 
 
-__all__ = ["sparse_attention", "VideoLayout", "Params", "BlockPlan", "accelerate", "AccelerateHandle", "load_pipeline"]
+__all__ = ["sparse_attention", "VideoLayout", "BlockPlan", "accelerate", "AccelerateHandle", "load_pipeline"]

@@ -1,4 +1,4 @@
-"""One attention call without a pipeline: plan with a method, run the plan, report the density."""
+"""One attention call: plan with a method, run the plan (minus tile-skip marks), report the density."""
 
 from __future__ import annotations
 
@@ -8,37 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from .layout import VideoLayout
-from .methods import AttentionContext, get_method
-from .params import Params
+from .methods import AttentionContext, Method, get_method
 from .plan import full_plan
+from .settings import Settings, settings_for
 from .tileskip import run_with_tileskip
-
-DENSE_BACKENDS = ("sdpa", "xformers", "reference")
-
-
-def xformers_available() -> bool:
-    try:
-        import xformers.ops  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def dense_attention(q, k, v, backend: str = "sdpa") -> torch.Tensor:
-    """(B, H, N, D) full attention through torch SDPA, xformers, or the float32 reference."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "xformers":
-        if not xformers_available():
-            raise ValueError("backend='xformers': xformers is not installed (pip install 'vdit-sparse[xformers]')")
-        import xformers.ops as xops
-
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
-    if backend == "reference":
-        scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) / math.sqrt(q.shape[-1])
-        return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v.float()).to(q.dtype)
-    raise ValueError(f"backend={backend!r}: unknown dense backend; known: {', '.join(DENSE_BACKENDS)}")
 
 
 def check_qkv(q, k, v, layout: VideoLayout) -> None:
@@ -50,43 +23,47 @@ def check_qkv(q, k, v, layout: VideoLayout) -> None:
     layout.check(q.shape[2], "q sequence length")
 
 
-def run_method(q, k, v, ctx: AttentionContext, method: str, params: Params, dense_fn=None, cache: str = "none"):
-    """Plan and compute one call. Returns (out (B, H, N, D), info) with ``info["density"]`` (B, H).
+def run_method(q, k, v, ctx: AttentionContext, method: Method, settings: Settings, cache: str = "none"):
+    """Plan and compute one call of q, k, v (B, H, N, D). Returns (out, info), ``info["density"]`` (B, H).
 
-    With ``cache="tileskip"`` the plan (all blocks for dense) runs minus the tiles marked negligible
-    at earlier calls of this (branch, layer), and the marks are updated (vdit_sparse.tileskip).
+    ``out`` is None when the method planned nothing (dense) and no tile-skip cache runs: the caller
+    makes its own dense call (the stock one, in a pipeline). With tile-skip the plan (every block, for
+    dense) runs minus the tiles marked negligible at earlier calls of this (branch, layer), and the
+    marks are updated (vdit_sparse.tileskip).
     """
     from .kernels.ops import run_plan
 
-    plan, info = get_method(method).plan(q, k, ctx, params, v=v)
-    if cache == "tileskip":
+    plan, info = method.plan(q, k, ctx, settings, v=v)
+    out = None
+    if "tileskip" in cache.split("+"):
         if plan is None:
-            plan = full_plan(q.shape[0], q.shape[1], q.shape[2], params.block_size, q.device)
+            plan = full_plan(q.shape[0], q.shape[1], q.shape[2], settings.block_size, q.device)
         out, plan, stats = run_with_tileskip(
-            q, k, v, plan, ctx.state, step=ctx.step, num_steps=ctx.num_steps, threshold=params.threshold,
-            refresh_every=params.refresh_every, identity=info.get("segment_identity"),
+            q, k, v, plan, ctx.state, step=ctx.step, num_steps=ctx.num_steps, threshold=settings.threshold,
+            refresh_every=settings.refresh_every, identity=info.get("segment_identity"),
         )
         info["stats"] = {**info.get("stats", {}), **stats}
-    elif plan is None:
-        out = dense_fn(q, k, v) if dense_fn is not None else dense_attention(q, k, v)
-    else:  # through the custom op, so torch.compile sees one opaque call with the plan as inputs
+    elif plan is not None:  # through the custom op, so torch.compile sees one opaque call with the plan as inputs
         out = run_plan(q, k, v, plan, 1.0 / math.sqrt(q.shape[-1]))
     info["density"] = plan.density() if plan is not None else torch.ones(q.shape[0], q.shape[1])
     info["plan"] = plan
     return out, info
 
 
-def sparse_attention(q, k, v, layout: VideoLayout, method: str = "dense", **params):
+def sparse_attention(q, k, v, layout: VideoLayout, method: str = "dense", **settings):
     """(out, info): attention of q, k, v (B, H, N, D) with ``method`` (one call, no cache).
 
+    ``settings`` are the method's (``density``, ``top_p``, ...; see ``vdit_sparse.settings``).
     ``info["density"]`` is the realised density (mean over batch and heads, a float);
     ``info["density_per_head"]`` the (B, H) tensor. Methods add their own keys (DESIGN.md).
     """
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout: expected a VideoLayout, got {type(layout).__name__}")
     check_qkv(q, k, v, layout)
-    p = Params().updated(**params)
-    out, info = run_method(q, k, v, AttentionContext(layout=layout), method, p)
+    resolved = settings_for(method, settings)
+    out, info = run_method(q, k, v, AttentionContext(layout=layout), get_method(method)(), resolved)
+    if out is None:
+        out = F.scaled_dot_product_attention(q, k, v)
     per_head = info.pop("density")
     info.pop("plan", None)
     info["density_per_head"] = per_head.cpu()

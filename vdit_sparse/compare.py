@@ -28,10 +28,9 @@ from .errors import UserError
 from .generate import (
     OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, request_from_args,
 )
-from .params import Params
 
 HELP = "compare accelerated videos with dense ones from the same seeds; write metrics.json and report.html"
-SWEEP_FIELDS = ("attention", "cache")  # request fields a sweep may vary; all other keys are Params names
+SWEEP_FIELDS = ("attention", "cache")  # request fields a sweep may vary; all other keys are setting names
 OWN_ENTRIES = ("comparison.json", "metrics.json", "report.md", "report.html", "runs", "pairs")
 STAT_KEYS = ("step", "layer", "branch", "model", "method", "density", "ms")  # what a stored run keeps per call
 MEAN_SCALARS = (
@@ -112,7 +111,7 @@ def parse_sweep(specs: list[str]) -> list[tuple]:
     Without a sweep there is one empty setting. Keys are request fields in
     :data:`SWEEP_FIELDS` or canonical parameter names; values are checked here, before any run.
     """
-    allowed = list(SWEEP_FIELDS) + Params.names()
+    allowed = list(SWEEP_FIELDS) + all_setting_names()
     axes: dict[str, list] = {}
     for spec in specs:
         key, eq, values = spec.partition("=")
@@ -125,13 +124,14 @@ def parse_sweep(specs: list[str]) -> list[tuple]:
         if key in axes:
             raise UserError(f"--sweep {spec!r}: key {key!r} is swept twice; give all its values in one --sweep")
         axes[key] = [_parse_value(v) for v in parts]
-        if key in Params.names():
-            for value in axes[key]:
-                try:
-                    Params().updated(**{key: value})
-                except ValueError as e:
-                    raise UserError(f"--sweep {spec!r}: {e}") from None
     return [tuple(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def all_setting_names() -> list[str]:
+    """Every setting of every method, shared ones first."""
+    from .methods import METHODS
+
+    return list(dict.fromkeys(name for m in METHODS.values() for name in m.Settings.names()))
 
 
 def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
@@ -140,13 +140,22 @@ def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
     Hydra overrides of the attention or cache groups belong to the accelerated run only.
     """
     keep = tuple(o for o in base.overrides if not o.lstrip("+~").startswith(("attention", "cache", "tuned")))
-    return replace(base, attention=against, cache="none", params={}, tuned=None, overrides=keep)
+    return replace(base, attention=against, cache="none", settings={}, tuned=None, overrides=keep)
 
 
 def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateRequest:
+    """The base request with one sweep point's fields and settings; the settings are checked against its method."""
+    from .settings import settings_for
+
     fields = {k: v for k, v in setting if k in SWEEP_FIELDS}
-    params = {**base.params, **{k: v for k, v in setting if k not in SWEEP_FIELDS}}
-    return replace(base, params=params, **fields)
+    settings = {**base.settings, **{k: v for k, v in setting if k not in SWEEP_FIELDS}}
+    req = replace(base, settings=settings, **fields)
+    try:
+        settings_for(req.attention, req.settings, req.cache)
+    except ValueError as e:
+        point = ",".join(f"{k}={v}" for k, v in setting)
+        raise UserError(f"--sweep point {point or '(none)'}: {e}") from None
+    return req
 
 
 def plan_pairs(args: argparse.Namespace) -> list[Pair]:

@@ -14,10 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .params import Params
-
-CACHE_PARAMS = ("threshold", "refresh_every")
-
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -27,7 +23,7 @@ class GenerateRequest:
     model: str = "tiny"
     attention: str = "dense"
     cache: str = "none"
-    params: dict = field(default_factory=dict)  # canonical parameter names -> values
+    settings: dict = field(default_factory=dict)  # canonical setting names -> values (vdit_sparse.settings)
     steps: int | None = None
     frames: int | None = None
     height: int | None = None
@@ -37,9 +33,11 @@ class GenerateRequest:
     dtype: str | None = None
     tuned: str | None = None
     compile: bool | str = False
+    dense_backend: str | None = None  # diffusers' attention backend for every dense call (e.g. xformers)
     overrides: tuple = ()  # extra Hydra KEY=VALUE overrides
 
     def hydra_overrides(self) -> list[str]:
+        """The run's Hydra overrides: model and run keys; settings stay typed and never become strings."""
         out = ["model=tiny"] if self.model == "tiny" else ["model=diffusers", f"model.name={_quote(self.model)}"]
         out += [f"attention={self.attention}", f"cache={self.cache}", f"seed={self.seed}"]
         for key in ("steps", "frames", "height", "width"):
@@ -47,17 +45,11 @@ class GenerateRequest:
                 out.append(f"model.{key}={getattr(self, key)}")
         if self.compile:
             out.append(f"compile={str(self.compile).lower() if self.compile is True else self.compile}")
-        for key in ("device", "dtype", "tuned"):
+        for key in ("device", "dtype", "tuned", "dense_backend"):
             if getattr(self, key) is not None:
                 out.append(f"{key}={getattr(self, key)}")
-        unknown = sorted(set(self.params) - set(Params.names()))
-        if unknown:
-            raise UserError(f"unknown parameter {', '.join(unknown)}: known parameters are {', '.join(Params.names())}")
-        for key, value in sorted(self.params.items()):
-            group = "cache" if key in CACHE_PARAMS else "attention"
-            out.append(f"++{group}.{key}={json.dumps(value)}")
         out.append(f"prompt={_quote(self.prompt)}")
-        return out + [_group_param_override(o) for o in self.overrides]
+        return out + [_group_override(o) for o in self.overrides]
 
     def key(self) -> str:
         """A stable hash of everything that determines the output (device and dtype included)."""
@@ -77,13 +69,11 @@ class GenerationResult:
     compile_s: float | None = None  # the one-step warm-up run that compiled the transformer
 
 
-def _group_param_override(o: str) -> str:
-    """``attention.KEY=V`` / ``cache.KEY=V`` for any canonical parameter, present in the YAML or not."""
+def _group_override(o: str) -> str:
+    """``attention.KEY=V`` / ``cache.KEY=V``: added to the group (its YAML holds only the name); checked later."""
     key = o.split("=", 1)[0].lstrip("+")
     group, _, name = key.partition(".")
     if group in ("attention", "cache") and name and name != "name":
-        if name not in Params.names():
-            raise UserError(f"unknown parameter {name} in {o!r}: known parameters are {', '.join(Params.names())}")
         return f"++{key}={o.split('=', 1)[1]}"
     return o
 
@@ -96,29 +86,29 @@ def _quote(s: str) -> str:
 def resolve(req: GenerateRequest):
     from .config import compose
 
-    cfg = compose(req.hydra_overrides())
-    return cfg
+    return compose(req.hydra_overrides())
 
 
-def run_params(cfg) -> dict:
-    """Canonical parameters from the resolved attention and cache groups, validated."""
+def run_settings(cfg, req: GenerateRequest | None = None):
+    """The run's typed settings: the request's flags, then the config's attention.* / cache.* keys on top."""
     from omegaconf import OmegaConf
 
-    params = {k: v for k, v in OmegaConf.to_container(cfg.attention).items() if k != "name"}
-    params.update({k: v for k, v in OmegaConf.to_container(cfg.cache).items() if k != "name"})
+    from .settings import settings_for
+
+    given = dict(req.settings) if req is not None else {}
+    for group in ("attention", "cache"):
+        given.update({k: v for k, v in OmegaConf.to_container(cfg[group]).items() if k != "name"})
     try:
-        Params().updated(**params)
+        return settings_for(cfg.attention.name, given, cfg.cache.name)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return params
 
 
 def check_video_size(pipe, frames: int, height: int, width: int) -> None:
-    """Frames, height and width the pipeline's VAE and transformer patching can take."""
-    t = getattr(pipe, "vae_scale_factor_temporal", 1)
-    s = getattr(pipe, "vae_scale_factor_spatial", 8)
-    patch = getattr(pipe.transformer.config, "patch_size", (1, 2, 2))
-    mult = s * (patch[-1] if patch else 1)
+    """Frames, height and width the pipeline's VAE and transformer patching can take (the adapter's rule)."""
+    from .pipelines import adapter_for
+
+    t, mult = adapter_for(pipe.transformer).size_rule(pipe)
     if not isinstance(frames, int) or frames < 1 or (frames - 1) % t:
         examples = ", ".join(str(t * k + 1) for k in (2, 4, 8, 20))
         raise UserError(f"frames={frames!r}: this model takes {t}k + 1 frames, e.g. {examples}")
@@ -159,7 +149,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .stats import summarize
 
     cfg = resolve(req) if cfg is None else cfg
-    params = run_params(cfg)
+    settings = run_settings(cfg, req)
     m = cfg.model
     if not isinstance(m.steps, int) or m.steps < 1:
         raise UserError(f"steps={m.steps!r}: must be a positive integer")
@@ -169,12 +159,16 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
         pipe = load_pipeline(m.name, device=device, dtype=dtype)
     check_video_size(pipe, m.frames, m.height, m.width)
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
+    restore_backend = use_dense_backend(pipe, cfg.get("dense_backend"))
     try:
         handle = accelerate(
-            pipe, attention=cfg.attention.name, cache=cfg.cache.name, tuned=cfg.tuned, compile=cfg.compile, **params
+            pipe, attention=cfg.attention.name, cache=cfg.cache.name, tuned=cfg.tuned, compile=cfg.compile,
+            **settings.changed(),
         )
     except ValueError as e:
+        restore_backend()
         raise UserError(str(e)) from None
+
     def call(steps: int):
         t0 = time.perf_counter()
         frames = call_pipeline(pipe, cfg, steps)
@@ -189,16 +183,42 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
         table = handle.stats()
     finally:
         handle.remove()
+        restore_backend()
     from .video import to_uint8
 
     summary = summarize(table)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["device"], config["dtype"] = str(device), str(dtype).removeprefix("torch.")
+    config["settings"] = settings.as_dict()  # every setting the run used, defaults included
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,
         attention_ms=summary["attention_ms"], density=summary["density"] if table else 1.0,
         stats=table, config=config, compile_s=compile_s,
     )
+
+
+def use_dense_backend(pipe, name: str | None):
+    """Route every dense attention call of ``pipe``'s transformers through diffusers' backend ``name``
+    (native, xformers, flash, sage, ...; checked by diffusers). Returns the function that undoes it."""
+    if not name:
+        return lambda: None
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from .integration import transformers_of
+
+    known = [b.value for b in AttentionBackendName if not b.value.startswith("_")]
+    if name not in [b.value for b in AttentionBackendName]:
+        raise UserError(f"dense_backend={name!r}: not a diffusers attention backend; known: {', '.join(known)}")
+    models = [t for _, t in transformers_of(pipe)]
+    try:
+        for model in models:
+            model.set_attention_backend(name)
+    except Exception as e:  # diffusers checks the backend's package and device here
+        for model in models:
+            model.reset_attention_backend()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"dense_backend={name!r}: {first}") from None
+    return lambda: [model.reset_attention_backend() for model in models]
 
 
 def versions() -> dict:
@@ -237,14 +257,21 @@ def sidecar(result: GenerationResult) -> dict:
 # --- command-line side -------------------------------------------------------------------------------
 
 
+SETTING_FLAGS = ("density", "top_p", "warmup_steps", "threshold")  # the settings with a flag of their own
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The generation flags shared by generate, compare and tune."""
+    """The generation flags shared by generate, compare and tune; the method list comes from the registry."""
+    from .caches import CACHES
+    from .methods import METHODS
+
     p.add_argument("--model", default="tiny", help="tiny (embedded, default), a hub id, or a local pipeline directory")
-    p.add_argument("--attention", default="dense", help="dense | svg | svg2")
-    p.add_argument("--cache", default="none", help="none | tileskip")
+    p.add_argument("--attention", default="dense", help="; ".join(f"{n}: {m.summary}" for n, m in METHODS.items()))
+    p.add_argument("--cache", default="none", help=" | ".join(CACHES))
     p.add_argument("--density", type=float, help="fraction of attention computed, in (0, 1]")
     p.add_argument("--top-p", dest="top_p", type=float, help="svg2: share of attention mass kept per query cluster")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=float, help="first steps dense: a count, or a fraction when < 1")
+    p.add_argument("--threshold", type=float, help="tile-skip: log2 units below the row maximum (default -14.4)")
     p.add_argument("--steps", type=int, help="denoising steps (model default when omitted)")
     p.add_argument("--frames", type=int, help="video frames (4k + 1 for Wan)")
     p.add_argument("--height", type=int)
@@ -254,7 +281,19 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--tuned", help="per-layer table: a name in configs/tuned/ or a YAML path")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer around our attention")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. attention.top_p=0.95")
+    p.add_argument("--dense-backend", dest="dense_backend",
+                   help="diffusers attention backend for the dense calls: native (default), xformers, flash, sage, ...")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra overrides, e.g. attention.top_p=0.95 (any setting: " + settings_help() + ")")
+
+
+def settings_help() -> str:
+    """Each method's own settings, for --help."""
+    from .methods import METHODS
+    from .settings import Settings
+
+    own = "; ".join(f"{n}: {', '.join(m.Settings.own_names()) or '-'}" for n, m in METHODS.items())
+    return f"shared: {', '.join(Settings.names())}; {own}"
 
 
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # a Hydra KEY=VALUE
@@ -274,23 +313,28 @@ def parse_generation_args(parser: argparse.ArgumentParser, argv: list[str]) -> a
 
 
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
-    params = {}
-    for key in ("density", "top_p", "warmup_steps"):
+    """The request of parsed flags; its settings are checked against the method now, before any model work."""
+    from .caches import parse_cache
+    from .settings import settings_for
+
+    settings = {}
+    for key in SETTING_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
-            params[key] = int(value) if key == "warmup_steps" and float(value).is_integer() and value >= 1 else value
+            settings[key] = int(value) if key == "warmup_steps" and float(value).is_integer() and value >= 1 else value
     for o in args.overrides:
         if "=" not in o:
             raise UserError(f"override {o!r}: expected KEY=VALUE (e.g. attention.top_p=0.95)")
     try:
-        Params().updated(**params)
+        parse_cache(args.cache)
+        settings_for(args.attention, settings, args.cache)
     except ValueError as e:
         raise UserError(str(e)) from None
     return GenerateRequest(
-        prompt=prompt, model=args.model, attention=args.attention, cache=args.cache, params=params,
+        prompt=prompt, model=args.model, attention=args.attention, cache=args.cache, settings=settings,
         steps=args.steps, frames=args.frames, height=args.height, width=args.width, seed=args.seed,
         device=args.device, dtype=args.dtype, tuned=args.tuned, compile=bool(getattr(args, "compile", False)),
-        overrides=tuple(args.overrides),
+        dense_backend=getattr(args, "dense_backend", None), overrides=tuple(args.overrides),
     )
 
 

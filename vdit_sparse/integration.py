@@ -3,38 +3,28 @@
 A stateful ``ModelHook`` on each transformer learns the CFG branch and step from the pipeline's
 ``cache_context`` (or counts calls per branch where a pipeline announces no step) and the token
 layout from the latents; processors installed on the self-attention modules hand q, k, v to the
-handle, which applies the policy and the method. All state lives on the handle.
+handle, which applies the policy and the method. The handle is made of small parts: the wiring
+(processors and hooks in, and out again), one state per (branch, model, layer) as diffusers'
+``StateManager`` keeps one per context, the policy, and the statistics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .attention import run_method
-from .layout import VideoLayout
+from .caches import parse_cache
 from .methods import METHODS, AttentionContext
-from .params import Params
 from .pipelines import adapter_for
 from .policy import Policy
+from .settings import settings_for
 from .stats import Stats, Timer, summarize
 
 HOOK_NAME = "vdit_sparse"
-CACHES = ("none", "tileskip")
-
-
-@dataclass
-class CallInfo:
-    """The transformer call in flight: what the processors of its layers need to know."""
-
-    model: str
-    branch: str
-    step: int
-    num_steps: int | None
-    layout: VideoLayout
 
 
 class _BranchState(BaseState):
@@ -74,9 +64,9 @@ class _StepHook(ModelHook):
         step = context.step_index if context is not None and context.step_index is not None else state.calls
         num_steps = context.num_inference_steps if context is not None else None
         if num_steps is None:
-            num_steps = self.handle._scheduler_steps()
+            num_steps = scheduler_steps(self.handle.pipe)
         layout = self.adapter.layout(module, args, kwargs)
-        self.handle._current = CallInfo(self.model, branch, int(step), num_steps, layout)
+        self.handle._current = AttentionContext(layout, step=int(step), num_steps=num_steps, branch=branch, model=self.model)
         state.calls += 1
 
     def post_forward(self, module, output):
@@ -91,100 +81,137 @@ class _StepHook(ModelHook):
         return module
 
 
-class AccelerateHandle:
-    """What ``accelerate`` returns: the run's state, its stats, and ``remove()``."""
+def scheduler_steps(pipe) -> int | None:
+    """Steps of the run in flight, from the scheduler's timesteps (pipelines that announce no step count)."""
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    return len(timesteps) if timesteps is not None else None
 
-    def __init__(self, pipe, policy: Policy, cache: str):
-        self.pipe, self.policy, self.cache = pipe, policy, cache
-        self._current: CallInfo | None = None
-        self._method_state: dict[tuple, dict] = {}  # (branch, model, layer) -> the method's memory
-        self._stats = Stats()
-        self._last_run: list[dict] = []
-        self._originals: list[tuple[torch.nn.Module, object]] = []
-        self._models: list[torch.nn.Module] = []
-        self.removed = False
 
-    # --- wiring ---------------------------------------------------------------------------------
-    def _install(self, name: str, transformer) -> None:
+class LayerStates:
+    """One method state per (branch, model, layer), as diffusers' StateManager keeps one per context."""
+
+    def __init__(self):
+        self._states: dict[tuple[str, str, int], dict] = {}
+
+    def get(self, ctx: AttentionContext) -> dict:
+        return self._states.setdefault((ctx.branch, ctx.model, ctx.layer), {})
+
+    def items(self):
+        return self._states.items()
+
+    def reset(self) -> None:
+        self._states.clear()
+
+
+class _Wiring:
+    """Our processors and step hook in a pipeline's transformers, and everything needed to take them out."""
+
+    def __init__(self):
+        self.originals: list[tuple[torch.nn.Module, object]] = []
+        self.models: list[torch.nn.Module] = []
+
+    def install(self, name: str, transformer, handle: "AccelerateHandle") -> None:
         adapter = adapter_for(transformer)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         if registry.get_hook(HOOK_NAME) is not None:
             raise ValueError(f"pipe.{name}: already accelerated; call .remove() on the earlier handle first")
         for layer, module in adapter.self_attention(transformer):
-            original = module.processor
-            self._originals.append((module, original))
-            module.set_processor(adapter.make_processor(self._make_attend(name), layer, original))
-        registry.register_hook(_StepHook(self, name, adapter), HOOK_NAME)
+            self.originals.append((module, module.processor))
+            module.set_processor(adapter.processor(handle.entry(name), layer, module.processor))
+        registry.register_hook(_StepHook(handle, name, adapter), HOOK_NAME)
         registry.invalidate_child_registries_cache()
-        self._models.append(transformer)
+        self.models.append(transformer)
 
-    def _compile(self, backend: str) -> None:
-        for model in self._models:
+    def compile(self, backend: str) -> None:
+        for model in self.models:
             model.compile(backend=backend)
+
+    def remove(self) -> None:
+        for module, original in self.originals:
+            module.set_processor(original)
+        for model in self.models:
+            model._compiled_call_impl = None  # undo nn.Module.compile
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            registry.invalidate_child_registries_cache()
+        self.originals.clear()
+        self.models.clear()
+
+
+class AccelerateHandle:
+    """What ``accelerate`` returns: the run's state, its stats, ``observe()`` and ``remove()``."""
+
+    def __init__(self, pipe, policy: Policy):
+        self.pipe, self.policy = pipe, policy
+        self.methods = {name: cls() for name, cls in METHODS.items()}  # built once: methods keep no state
+        self.states = LayerStates()
+        self._current: AttentionContext | None = None
+        self._stats = Stats()
+        self._last_run: list[dict] = []
+        self._observers: list = []
+        self._wiring = _Wiring()
+        self.removed = False
+
+    @property
+    def cache(self) -> str:
+        return self.policy.cache
 
     def remove(self) -> None:
         """Restore the original processors and hooks: the pipeline is dense again, bit for bit."""
         if self.removed:
             return
-        for module, original in self._originals:
-            module.set_processor(original)
-        for model in self._models:
-            model._compiled_call_impl = None  # undo nn.Module.compile
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            registry.invalidate_child_registries_cache()
-        self._originals.clear()
-        self._method_state.clear()
+        self._wiring.remove()
+        self.states.reset()
         self.removed = True
 
-    def _scheduler_steps(self) -> int | None:
-        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-        return len(timesteps) if timesteps is not None else None
-
     def _end_run(self) -> None:
-        self._method_state.clear()
+        self.states.reset()
         if self._stats.rows:  # two-expert pipelines reset each transformer: keep the first snapshot
             self._last_run = self._stats.table()
             self._stats.clear()
 
     # --- the hot path -----------------------------------------------------------------------------
-    def _make_attend(self, model: str):
-        # One graph break per self-attention call under torch.compile, named here: the policy and the
-        # method's planning are per-step Python and data-dependent; everything around it compiles.
+    def entry(self, model: str):
+        """What a processor calls: ``attend(layer, q, k, v, dense_fn, dense=False)``, tensors (B, N, H, D)."""
+
+        # One graph break per self-attention call under torch.compile: the policy and the method's
+        # planning are per-step Python and data-dependent; everything around it compiles.
         @torch.compiler.disable
-        def attend(layer, q, k, v, dense_fn, dense: bool = False):  # all (B, N, H, D), the diffusers layout
-            return self._attend(model, layer, q, k, v, dense_fn, dense)
+        def attend(layer, q, k, v, dense_fn, dense: bool = False):
+            return self._attend(layer, q, k, v, dense_fn, dense)
 
         return attend
 
-    def _attend(self, model, layer, q, k, v, dense_fn, dense=False):
+    def _attend(self, layer, q, k, v, dense_fn, dense=False):
         """``dense=True``: the processor needs the stock call (an input no plan can express); it is recorded."""
-        call = self._current
-        if call is None:
+        if self._current is None:
             raise RuntimeError("vdit_sparse: self-attention ran outside a transformer forward; the step hook is missing")
-        method, params, cache = ("dense", None, "none") if dense else self.policy.resolve(layer, call.step, call.num_steps)
+        ctx = dataclasses.replace(self._current, layer=layer)
+        ctx.state = self.states.get(ctx)
+        method, settings, cache = ("dense", None, "none") if dense else self.policy.resolve(layer, ctx.step, ctx.num_steps)
         timer = Timer(q.device)
-        if method == "dense" and cache == "none":
-            out, density, extras = dense_fn(q, k, v), 1.0, {}
-        else:
-            ctx = AttentionContext(
-                layout=call.layout, layer=layer, step=call.step, num_steps=call.num_steps, branch=call.branch,
-                state=self._method_state.setdefault((call.branch, model, layer), {}),
-            )
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views, no copy
-            out, info = run_method(qt, kt, vt, ctx, method, params, dense_fn=lambda a, b, c: dense_fn(
-                a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2), cache=cache)
-            out = out.transpose(1, 2)
-            density, extras = info["density"].mean(), info.get("stats", {})  # tensors: read at stats()
-        self._stats.record(
-            timer.stop(), step=call.step, layer=layer, branch=call.branch, model=model, method=method,
-            density=density, **extras,
-        )
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views, no copy
+        out, info = None, {}
+        if method != "dense" or "tileskip" in cache.split("+"):
+            out, info = run_method(qt, kt, vt, ctx, self.methods[method], settings, cache)
+        out = dense_fn(q, k, v) if out is None else out.transpose(1, 2)  # (B, N, H, D)
+        density = info["density"].mean() if "density" in info else 1.0  # tensors: read at stats()
+        self._stats.record(timer.stop(), step=ctx.step, layer=layer, branch=ctx.branch, model=ctx.model,
+                           method=method, density=density, **info.get("stats", {}))
+        for observer in self._observers:
+            observer(ctx, qt, kt, vt, out.transpose(1, 2), dense)
         return out
 
-    # --- reading results --------------------------------------------------------------------------
+    # --- observing and reading results ------------------------------------------------------------
+    def observe(self, observer):
+        """Call ``observer(ctx, q, k, v, out, forced_dense)`` after every self-attention call (tensors
+        (B, H, N, D); ``forced_dense``: the processor asked for the stock call). Returns a function
+        that stops it. Calibration (``vdit-sparse tune``) records dense runs this way."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
     @property
-    def current_call(self) -> CallInfo | None:
+    def current_call(self) -> AttentionContext | None:
         """The transformer call in flight (model, branch, step, num_steps, layout), or None between calls."""
         return self._current
 
@@ -206,48 +233,35 @@ def transformers_of(pipe) -> list[tuple[str, torch.nn.Module]]:
 
 
 def accelerate(
-    pipe, attention: str = "dense", cache: str = "none", tuned=None, compile: bool | str = False, **overrides
+    pipe, attention: str = "dense", cache: str = "none", tuned=None, compile: bool | str = False, **settings
 ) -> AccelerateHandle:
     """Swap the self-attention of ``pipe``'s transformer(s) for vdit-sparse's; returns the handle.
 
-    ``attention``: a method name (dense, svg, svg2); ``cache``: none; ``tuned``: a per-layer table
-    (a dict ``{layer: {param: value}}``, or the name/path of a tuned YAML); ``overrides``: canonical
-    parameters (density, top_p, warmup_steps, dense_layers, ...). ``compile``: True (inductor) or a
-    torch.compile backend name: the transformers are compiled in place, with one graph break per
-    self-attention call; ``remove()`` undoes it.
+    ``attention``: a method name (``vdit_sparse.methods.METHODS``); ``cache``: none or tileskip;
+    ``tuned``: a per-layer table (a dict ``{layer: {setting: value}}``, or the name/path of a tuned
+    YAML); ``settings``: the method's settings by their canonical names (density, top_p,
+    warmup_steps, dense_layers, ...), defaults from the method's settings class, the same ones the
+    CLI uses. ``compile``: True (inductor) or a torch.compile backend name: the transformers are
+    compiled in place, with one graph break per self-attention call; ``remove()`` undoes it.
     """
-    if attention not in METHODS:
-        raise ValueError(f"attention={attention!r}: unknown method; known methods are {', '.join(sorted(METHODS))}")
-    if cache not in CACHES:
-        raise ValueError(f"cache={cache!r}: unknown cache; known caches are {', '.join(CACHES)}")
-    params = Params().updated(**overrides)
-    layers = _load_tuned(tuned) if tuned is not None else {}
-    handle = AccelerateHandle(pipe, Policy(attention, params, cache=cache, layers=layers), cache)
+    parse_cache(cache)
+    resolved = settings_for(attention, settings, cache)
+    table = _load_tuned(tuned) if tuned is not None else None
+    handle = AccelerateHandle(pipe, Policy.build(attention, resolved, cache, table))
     try:
         for name, transformer in transformers_of(pipe):
-            handle._install(name, transformer)
+            handle._wiring.install(name, transformer, handle)
         if compile:
-            handle._compile("inductor" if compile is True else compile)
+            handle._wiring.compile("inductor" if compile is True else compile)
     except Exception:
         handle.remove()
         raise
     return handle
 
 
-def _load_tuned(tuned) -> dict[int, dict]:
+def _load_tuned(tuned) -> dict:
     if isinstance(tuned, dict):
-        table = tuned
-    else:
-        from .config import load_tuned_table
+        return tuned
+    from .config import load_tuned_table
 
-        table = load_tuned_table(tuned)
-    out = {}
-    for layer, settings in table.items():
-        if not isinstance(settings, dict):
-            raise ValueError(f"tuned table: layer {layer} must map to a dict of settings, got {settings!r}")
-        rest = {k: v for k, v in settings.items() if k != "attention"}
-        Params().updated(**rest)  # validate names and values now, not mid-run
-        if "attention" in settings and settings["attention"] not in METHODS:
-            raise ValueError(f"tuned table: layer {layer} attention={settings['attention']!r}: known methods are {', '.join(sorted(METHODS))}")
-        out[int(layer)] = dict(settings)
-    return out
+    return load_tuned_table(tuned)

@@ -58,6 +58,8 @@ def load_pipeline(name_or_path: str = "tiny", device=None, dtype=None):
 def _from_pretrained(name: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
+    from . import pipelines  # noqa: F401  registers our autoencoder class, so saved tiny pipelines load
+
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not (path / "model_index.json").is_file():

@@ -9,18 +9,22 @@ every other (query, key) pair is skipped. Segments may have any size (clusters o
 uniform blocks are the special case ``offsets = arange * block``.
 
 Memory is O(G · segments²) indices at most, never O(N²).
+
+Builders: ``from_block_mask`` (a bool block mask, as FlexAttention's), ``full_plan``, ``from_head_patterns``
+(each batch·head picks one of a few block masks, in its own token order: svg), ``from_clusters`` (clusters
+as segments: svg2), and ``attach_text`` (dense text around any of them). Each records ``num_tokens``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from .layout import VideoLayout
 
 
-@dataclass
+@dataclass(repr=False)
 class BlockPlan:
     q_offsets: torch.Tensor  # (G, Sq + 1) int32, non-decreasing, 0 .. N
     k_offsets: torch.Tensor  # (G, Sk + 1) int32, non-decreasing, 0 .. N
@@ -30,14 +34,27 @@ class BlockPlan:
     heads: int
     q_perm: torch.Tensor | None = None  # (G, N) int32: plan position -> model token
     k_perm: torch.Tensor | None = None  # (G, N) int32
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.q_offsets[0, -1])
+    # N, given by the builder: reading it from q_offsets would wait for the device
+    num_tokens: int = field(kw_only=True)
 
     @property
     def groups(self) -> int:
         return self.batch * self.heads
+
+    def to(self, device) -> "BlockPlan":
+        """The same plan with every tensor on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: t.to(device) for name, t in values.items() if isinstance(t, torch.Tensor)})
+
+    def __repr__(self) -> str:
+        perms = "+".join(side for side, perm in (("q", self.q_perm), ("k", self.k_perm)) if perm is not None)
+        density = self.density().mean()
+        shown = "?" if density.is_meta else f"{float(density):.4f}"
+        return (
+            f"BlockPlan(batch={self.batch}, heads={self.heads}, num_tokens={self.num_tokens}, "
+            f"q_segments={self.q_offsets.shape[1] - 1}, k_segments={self.k_offsets.shape[1] - 1}, "
+            f"permuted={perms or 'no'}, mean_density={shown}, device={self.kv_index.device})"
+        )
 
     def valid_entries(self) -> torch.Tensor:
         """(G, Sq, L) bool: the kv_index entries that are listed (before kv_count)."""
@@ -65,13 +82,16 @@ class BlockPlan:
         return replace(self, kv_index=kv_index.contiguous(), kv_count=keep.sum(2).to(torch.int32))
 
     def validate(self, num_tokens: int | None = None) -> None:
-        """Raise ValueError when the tensors do not describe a well-formed plan."""
-        G = self.groups
+        """Raise ValueError when the tensors do not describe a well-formed plan (of ``num_tokens`` tokens, if given)."""
+        G, n = self.groups, self.num_tokens
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"BlockPlan.num_tokens: expected an int >= 0, got {n!r}")
+        if num_tokens is not None and n != num_tokens:
+            raise ValueError(f"BlockPlan.num_tokens: {n}, but the plan is checked against {num_tokens} tokens")
         for name in ("q_offsets", "k_offsets", "kv_count", "kv_index"):
             t = getattr(self, name)
             if t.dtype != torch.int32 or t.shape[0] != G:
                 raise ValueError(f"BlockPlan.{name}: expected int32 with first dim {G}, got {t.dtype} {tuple(t.shape)}")
-        n = self.num_tokens if num_tokens is None else num_tokens
         for name in ("q_offsets", "k_offsets"):
             off = getattr(self, name)
             if (off[:, 0] != 0).any() or (off[:, -1] != n).any() or (off.diff(dim=1) < 0).any():
@@ -93,16 +113,22 @@ class BlockPlan:
             if not torch.equal(perm.sort(dim=1).values, torch.arange(n, device=perm.device, dtype=perm.dtype).expand(G, n)):
                 raise ValueError(f"BlockPlan.{name}: every row must be a permutation of 0..{n - 1}")
 
+    def to_dense(self) -> torch.Tensor:
+        """(B, H, Sq, Sk) bool: which key segments each query segment computes (segment ids, as listed)."""
+        G, Sq, _ = self.kv_index.shape
+        Sk = self.k_offsets.shape[1] - 1
+        sel = torch.zeros(G, Sq, Sk + 1, dtype=torch.bool, device=self.kv_index.device)
+        idx = torch.where(self.valid_entries(), self.kv_index.long(), Sk)  # entries not listed go to a spare column
+        sel.scatter_(2, idx, True)
+        return sel[..., :Sk].reshape(self.batch, self.heads, Sq, Sk)
+
     def token_mask(self) -> torch.Tensor:
         """(B, H, N, N) bool in model order. O(N²): for tests and references at small N only."""
         G, n = self.groups, self.num_tokens
         Sk = self.k_offsets.shape[1] - 1
         q_seg = segment_ids(self.q_offsets, n)  # (G, N) plan position -> segment
         k_seg = segment_ids(self.k_offsets, n)
-        sel = torch.zeros(G, self.q_offsets.shape[1] - 1, Sk + 1, dtype=torch.bool, device=self.kv_index.device)
-        idx = torch.where(self.valid_entries(), self.kv_index.long(), Sk)  # invalid entries go to a spare column
-        sel.scatter_(2, idx, True)
-        sel = sel[..., :Sk]
+        sel = self.to_dense().view(G, -1, Sk)  # (G, Sq, Sk)
         plan_mask = torch.gather(sel, 1, q_seg.long()[..., None].expand(-1, -1, Sk))  # (G, N, Sk)
         plan_mask = torch.gather(plan_mask, 2, k_seg.long()[:, None, :].expand(-1, n, -1))  # (G, N, N)
         if self.q_perm is not None:  # plan row i is model row q_perm[i]
@@ -157,6 +183,7 @@ def from_block_mask(block_mask: torch.Tensor, block_size: tuple[int, int], num_t
         kv_index=order[..., :width].contiguous(),
         batch=B,
         heads=H,
+        num_tokens=num_tokens,
     )
 
 
@@ -172,6 +199,8 @@ def attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int = 64, *, t
     sit in one key segment per batch·head that no query lists, so they get no attention; padding
     query rows attend every real key, as in the masked dense call.
     """
+    if plan.num_tokens != layout.video_tokens:
+        raise ValueError(f"plan: covers {plan.num_tokens} tokens, but the layout has {layout.video_tokens} video tokens")
     if layout.text_tokens == 0:
         return plan
     T = layout.text_tokens
@@ -231,6 +260,7 @@ def _attach_text(plan: BlockPlan, layout: VideoLayout, text_block: int, text_len
         heads=plan.heads,
         q_perm=extend(plan.q_perm),
         k_perm=extend(plan.k_perm),
+        num_tokens=plan.num_tokens + T,
     )
 
 
@@ -239,3 +269,69 @@ def full_plan(batch: int, heads: int, num_tokens: int, block: int = 64, device=N
     nb = -(-num_tokens // block)
     mask = torch.ones(batch, heads, nb, nb, dtype=torch.bool, device=device)
     return from_block_mask(mask, (block, block), num_tokens)
+
+
+def from_head_patterns(masks: torch.Tensor, choice: torch.Tensor, block: int, num_tokens: int, orders=None) -> BlockPlan:
+    """Each batch·head computes one of a few block masks, over its pattern's own token order.
+
+    ``masks`` (P, nb, nb) bool over blocks of ``block`` tokens in plan order, nb = ceil(N / block);
+    ``choice`` (B, H) int: the pattern of each batch·head; ``orders``: per pattern, None (model order)
+    or an (N,) plan position -> token order that its queries and keys both take.
+    """
+    B, H = choice.shape
+    P, dev = masks.shape[0], masks.device
+    nb = -(-num_tokens // block)
+    if masks.shape[1:] != (nb, nb):
+        raise ValueError(f"masks: expected (P, {nb}, {nb}) for N={num_tokens} and block={block}, got {tuple(masks.shape)}")
+    counts = masks.sum(-1).to(torch.int32)  # (P, nb) key blocks per query block
+    cls = choice.flatten().long()  # (G,)
+    used = torch.zeros(P, dtype=torch.long, device=dev).index_fill_(0, cls, 1)
+    numbers = torch.cat([used, counts.amax(1).long()]).tolist()  # one device-to-host copy
+    in_use = [p for p in range(P) if numbers[p]]
+    width = max([1] + [numbers[P + p] for p in in_use])
+    # listed key blocks first, ascending; only as wide as the widest pattern in use needs
+    index = torch.sort((~masks).to(torch.int8), dim=-1, stable=True).indices[..., :width].to(torch.int32)  # (P, nb, width)
+    perm = None
+    if orders is not None and any(orders[p] is not None for p in in_use):
+        identity = torch.arange(num_tokens, device=dev, dtype=torch.int32)
+        table = torch.stack([identity if o is None else o.to(dev, torch.int32) for o in orders])  # (P, N)
+        perm = table[cls].contiguous()  # (G, N)
+    offsets = uniform_offsets(num_tokens, block, B * H, dev)
+    return BlockPlan(
+        q_offsets=offsets,
+        k_offsets=offsets,
+        kv_count=counts[cls].contiguous(),
+        kv_index=index[cls].contiguous(),
+        batch=B,
+        heads=H,
+        q_perm=perm,
+        k_perm=perm,
+        num_tokens=num_tokens,
+    )
+
+
+def from_clusters(q_labels, k_labels, q_sizes, k_sizes, selected, batch: int, heads: int) -> BlockPlan:
+    """One segment per cluster, tokens sorted by cluster id (empty clusters are empty segments).
+
+    ``q_labels`` / ``k_labels`` (G, N) int: each token's cluster; ``q_sizes`` (G, Cq) / ``k_sizes`` (G, Ck):
+    tokens per cluster; ``selected`` (G, Cq, Ck) bool: the key clusters each query cluster computes.
+    """
+    G, Cq, Ck = selected.shape
+    q_perm = q_labels.argsort(dim=1, stable=True).to(torch.int32)  # (G, N): plan position -> token
+    k_perm = k_labels.argsort(dim=1, stable=True).to(torch.int32)
+    zero = torch.zeros(G, 1, dtype=torch.int64, device=q_sizes.device)
+    q_offsets = torch.cat([zero, q_sizes.cumsum(1)], 1).to(torch.int32)  # (G, Cq + 1)
+    k_offsets = torch.cat([zero, k_sizes.cumsum(1)], 1).to(torch.int32)  # (G, Ck + 1)
+    # selected key clusters first, in ascending id (contiguous memory); full width Ck avoids a host sync
+    kv_index = (~selected).to(torch.int8).argsort(dim=2, stable=True).to(torch.int32)  # (G, Cq, Ck)
+    return BlockPlan(
+        q_offsets=q_offsets,
+        k_offsets=k_offsets,
+        kv_count=selected.sum(2).to(torch.int32),
+        kv_index=kv_index.contiguous(),
+        batch=batch,
+        heads=heads,
+        q_perm=q_perm.contiguous(),
+        k_perm=k_perm.contiguous(),
+        num_tokens=q_labels.shape[1],
+    )

@@ -1,30 +1,47 @@
-"""Which method runs where: dense warm-up steps, dense first layers, per-layer overrides."""
+"""Which method runs where: dense warm-up steps, dense layers, per-layer settings (a tuned table)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .params import Params
+from .methods import get_method
+from .settings import Settings
 
 
 @dataclass(frozen=True)
 class Policy:
     method: str
-    params: Params
+    settings: Settings
     cache: str = "none"
-    # layer -> {"attention": name, or any canonical parameter}: a tuned table or hand overrides
-    layers: dict[int, dict] = field(default_factory=dict)
+    # layer -> (method, settings): a tuned table or hand overrides, resolved once
+    layers: dict[int, tuple[str, Settings]] = field(default_factory=dict)
 
-    def __post_init__(self):
-        # per-layer overrides resolved once, not at every attention call
-        resolved = {}
-        for layer, override in self.layers.items():
-            rest = {k: v for k, v in override.items() if k != "attention"}
-            resolved[layer] = (override.get("attention", self.method), self.params.updated(**rest) if rest else self.params)
-        object.__setattr__(self, "_resolved", resolved)
+    @classmethod
+    def build(cls, method: str, settings: Settings, cache: str = "none", table: dict | None = None) -> "Policy":
+        """A policy from a per-layer table ``{layer: {"attention": name?, setting: value, ...}}``.
+
+        A layer's entry overrides the run's settings; with another ``attention`` it starts from that
+        method's defaults and keeps the run's shared settings (warm-up, dense layers, tile-skip knobs).
+        """
+        layers = {}
+        for layer, entry in (table or {}).items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"tuned table: layer {layer} must map to a dict of settings, got {entry!r}")
+            rest = {k: v for k, v in entry.items() if k != "attention"}
+            name = entry.get("attention", method)
+            try:
+                if name == method:
+                    layer_settings = settings.updated(**rest)
+                else:
+                    shared = {k: getattr(settings, k) for k in Settings.names()}
+                    layer_settings = get_method(name).Settings(**shared).updated(**rest)
+            except ValueError as e:
+                raise ValueError(f"tuned table: layer {layer}: {e}") from None
+            layers[int(layer)] = (get_method(name).name, layer_settings)
+        return cls(method, settings, cache, layers)
 
     def warmup_count(self, num_steps: int | None) -> int:
-        w = self.params.warmup_steps
+        w = self.settings.warmup_steps
         if w >= 1 or w == 0:
             return int(w)
         if num_steps is None:
@@ -32,12 +49,12 @@ class Policy:
         return int(round(w * num_steps))
 
     def is_dense_layer(self, layer: int) -> bool:
-        dl = self.params.dense_layers
+        dl = self.settings.dense_layers
         return layer < dl if isinstance(dl, int) else layer in dl
 
-    def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Params, str]:
-        """(method, parameters, cache) for one call; warm-up steps and dense layers run plain dense."""
+    def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Settings, str]:
+        """(method, settings, cache) for one call; warm-up steps and dense layers run plain dense."""
         if step < self.warmup_count(num_steps) or self.is_dense_layer(layer):
-            return "dense", self.params, "none"
-        method, params = self._resolved.get(layer, (self.method, self.params))
-        return method, params, self.cache
+            return "dense", self.settings, "none"
+        method, settings = self.layers.get(layer, (self.method, self.settings))
+        return method, settings, self.cache

@@ -3,8 +3,10 @@
 Which tiles of a head's attention are negligible barely changes between denoising steps
 (LiteAttention). So while a plan runs, the kernel reports per computed tile (query segment ×
 key segment) its largest logit relative to the row's running maximum; a tile more than
-``threshold`` (natural-log units) below it is marked, and marked tiles are dropped from the plans
-of later steps — no QKᵀ, no softmax, no PV. Every ``refresh_every`` calls of a (branch, layer)
+``threshold`` below it is marked, and marked tiles are dropped from the plans of later steps —
+no QKᵀ, no softmax, no PV. The threshold is in log2 units, as LiteAttention publishes its
+thresholds (-14.4 is -10 in natural log); the kernels report natural-log statistics, converted
+once below. Every ``refresh_every`` calls of a (branch, layer)
 the marks are rebuilt from a full run of the plan, so errors do not accumulate.
 
 What is kept, per (branch, model, layer), on the accelerate handle: a (G, Sq, Sk) bool matrix of
@@ -30,6 +32,8 @@ import torch
 
 from .plan import BlockPlan
 
+LOG2E = 1.4426950408889634  # natural-log statistics x LOG2E = log2 units
+
 
 @dataclass
 class TileMarks:
@@ -41,7 +45,7 @@ class TileMarks:
 
 
 def threshold_at(threshold: float, step: int, num_steps: int | None) -> float:
-    """The log-space bound at ``step``: twice as strict at the first step as at the last."""
+    """The log2-space bound at ``step``: twice as strict at the first step as at the last."""
     if not num_steps:
         return threshold
     return threshold * (2.0 - min(step, num_steps) / num_steps)
@@ -71,7 +75,7 @@ def run_with_tileskip(q, k, v, plan: BlockPlan, state: dict, *, step: int, num_s
     out, tile_stats = block_sparse_attention(
         q, k, v, plan, skip=skip if not refresh else None, tile_stats=True, reverse=bool(step % 2)
     )
-    negligible = (tile_stats < threshold_at(threshold, step, num_steps)) & valid & ~skip
+    negligible = (tile_stats * LOG2E < threshold_at(threshold, step, num_steps)) & valid & ~skip
     # entries past kv_count write into a spare column, so they cannot clear a real mark
     target = torch.where(valid, idx, Sk)
     extended = torch.cat([cached.marks, cached.marks.new_zeros(G, Sq, 1)], 2)

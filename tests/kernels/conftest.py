@@ -96,11 +96,19 @@ def random_perm(G, N, gen):
     return torch.rand(G, N, generator=gen).argsort(dim=1).to(torch.int32)
 
 
+@pytest.fixture(autouse=True)
+def seed():
+    """A fresh seed for every test, printed (pytest shows it with a failure) and set on torch's global
+    generator; ``VDIT_SPARSE_TEST_SEED=N`` replays a run."""
+    value = int(os.environ.get("VDIT_SPARSE_TEST_SEED") or torch.seed() % 2**31)
+    print(f"seed={value}")
+    torch.manual_seed(value)
+    return value
+
+
 @pytest.fixture
-def gen():
-    """A fresh seed each run (printed on failure by pytest's captured output)."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    print(f"seed={seed}")
+def gen(seed):
+    """A generator seeded with the test's printed seed."""
     return torch.Generator().manual_seed(seed)
 
 
@@ -122,6 +130,7 @@ def make_plan(kind, B, H, N, gen, density=0.5):
     return BlockPlan(
         q_offsets=q_off, k_offsets=k_off, kv_count=count, kv_index=index, batch=B, heads=H,
         q_perm=random_perm(G, N, gen) if perms else None, k_perm=random_perm(G, N, gen) if perms else None,
+        num_tokens=N,
     )
 
 
@@ -139,20 +148,13 @@ def rel_l2(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def to_device(plan, device):
-    from dataclasses import fields, replace
-
-    moved = {f.name: getattr(plan, f.name).to(device) for f in fields(plan) if isinstance(getattr(plan, f.name), torch.Tensor)}
-    return replace(plan, **moved)
-
-
 @pytest.fixture
 def kit():
     """The helpers above, as one object (fixtures travel better than imports between test files)."""
     import types
 
     return types.SimpleNamespace(
-        make_plan=make_plan, make_qkv=make_qkv, poisoned=poisoned, rel_l2=rel_l2, to_device=to_device,
+        make_plan=make_plan, make_qkv=make_qkv, poisoned=poisoned, rel_l2=rel_l2,
         random_segments=random_segments, random_lists=random_lists, random_perm=random_perm, DEVICE=DEVICE, TOL=TOL,
         need_triton=need_triton,
     )

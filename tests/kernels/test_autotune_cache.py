@@ -89,7 +89,7 @@ def test_kernel_tuning_picks_and_persists(kit, gen, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bsa.triton.testing, "do_bench", fake_bench)
     N = 64
-    plan = kit.to_device(kit.make_plan("blocks", 1, 1, N, gen, density=0.3), kit.DEVICE)
+    plan = kit.make_plan("blocks", 1, 1, N, gen, density=0.3).to(kit.DEVICE)
     q, k, v = (t.to(kit.DEVICE) for t in kit.make_qkv(1, 1, N, 16, torch.float32, gen))
 
     def run(cfg, out, stats):
@@ -101,4 +101,4 @@ def test_kernel_tuning_picks_and_persists(kit, gen, tmp_path, monkeypatch):
     assert saved["BLOCK_M"] == 32 and "N=64" in key and "D=16" in key and "density <=" in key
     out = torch.empty_like(q)
     run(chosen, out, None)
-    assert kit.rel_l2(out, reference_attention(q.cpu(), k.cpu(), v.cpu(), kit.to_device(plan, "cpu"), 0.25)) < 1e-5
+    assert kit.rel_l2(out, reference_attention(q.cpu(), k.cpu(), v.cpu(), plan.to("cpu"), 0.25)) < 1e-5

@@ -5,14 +5,21 @@ random each run (the seed is printed), and outputs are written into NaN-filled b
 kernel forgets to write fails the comparison.
 """
 
+import ast
 import importlib
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from vdit_sparse.kernels.block_sparse_attention import block_sparse_attention
+from vdit_sparse.kernels import block_sparse_attention
 from vdit_sparse.kernels.reference import reference_attention, reference_tile_stats
+from vdit_sparse.kernels.tiles import query_tiles
+from vdit_sparse.layout import VideoLayout
+from vdit_sparse.methods import AttentionContext
+from vdit_sparse.methods.svg import SVG
+from vdit_sparse.methods.svg2 import SVG2
 from vdit_sparse.plan import BlockPlan, from_block_mask
 
 BACKENDS = ["triton", "torch"]
@@ -31,7 +38,7 @@ def run(kit, backend, q, k, v, plan, skip=None, **kw):
     out = kit.poisoned(torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=dev))
     config = None if backend == "triton" else TORCH_TILES
     res = block_sparse_attention(
-        q, k, v, kit.to_device(plan, dev), backend=backend, out=out, config=config,
+        q, k, v, plan.to(dev), backend=backend, out=out, config=config,
         skip=None if skip is None else skip.to(dev), **kw,
     )
     got = res[0] if isinstance(res, tuple) else res
@@ -166,7 +173,7 @@ def test_strided_inputs_and_expanded_plan(kit, gen, backend):
     plan = BlockPlan(
         q_offsets=one.q_offsets.expand(G, -1), k_offsets=one.k_offsets.expand(G, -1),
         kv_count=one.kv_count.expand(G, -1), kv_index=one.kv_index.expand(G, -1, -1), batch=2, heads=heads,
-        q_perm=one.q_perm.expand(G, -1), k_perm=one.k_perm.expand(G, -1),
+        q_perm=one.q_perm.expand(G, -1), k_perm=one.k_perm.expand(G, -1), num_tokens=N,
     )
     q, k, v = (torch.randn(2, N, heads, D, generator=gen).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
@@ -175,7 +182,7 @@ def test_strided_inputs_and_expanded_plan(kit, gen, backend):
     assert kit.rel_l2(out, ref) < 1e-5
     dev = kit.DEVICE if backend == "triton" else "cpu"
     strided_out = torch.full((2, N, heads, D), float("nan"), device=dev).transpose(1, 2)  # written in place
-    block_sparse_attention(*(t.to(dev) for t in (q, k, v)), kit.to_device(plan, dev), backend=backend, out=strided_out,
+    block_sparse_attention(*(t.to(dev) for t in (q, k, v)), plan.to(dev), backend=backend, out=strided_out,
                            config=None if backend == "triton" else TORCH_TILES)
     assert kit.rel_l2(strided_out, ref) < 1e-5
 
@@ -193,7 +200,7 @@ def test_block_mask_form(kit, gen, backend):
     out = block_sparse_attention(q, k, v, mask, block_size=(32, 40), backend=backend, config=config)
     plan = from_block_mask(mask, (32, 40), N)
     assert torch.equal(out, block_sparse_attention(q, k, v, plan, backend=backend, config=config))
-    assert kit.rel_l2(out, reference_attention(q.cpu(), k.cpu(), v.cpu(), kit.to_device(plan, "cpu"))) < 1e-5
+    assert kit.rel_l2(out, reference_attention(q.cpu(), k.cpu(), v.cpu(), plan.to("cpu"))) < 1e-5
 
 
 def test_auto_backend_on_cpu_is_the_torch_path(kit, gen):
@@ -202,8 +209,34 @@ def test_auto_backend_on_cpu_is_the_torch_path(kit, gen):
     q, k, v = kit.make_qkv(B, H, N, D, torch.float32, gen)
     auto = block_sparse_attention(q, k, v, plan)
     assert torch.equal(auto, block_sparse_attention(q, k, v, plan, backend="torch"))
-    ref = block_sparse_attention(q, k, v, plan, backend="reference")
-    assert kit.rel_l2(auto, ref) < 1e-5
+    assert kit.rel_l2(auto, reference_attention(q, k, v, plan)) < 1e-5
+    with pytest.raises(ValueError, match="^backend: 'reference' not supported; allowed: auto, triton, torch$"):
+        block_sparse_attention(q, k, v, plan, backend="reference")  # the reference is a test oracle only
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[tuple[str, ...]]:
+    """Every module (and name) ``path`` imports, at the top or inside a function, split at the dots."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {tuple(a.name.split(".")) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = tuple(node.module.split(".")) if node.module else ()
+            found |= {base + (a.name,) for a in node.names}
+    return found
+
+
+def test_kernel_modules_import_one_way():
+    """The Triton file knows no CPU path, dispatcher or reference; no runtime module imports the reference."""
+    forbidden = {"cpu_path", "cpu_masked", "dispatch", "reference"}
+    triton_file = _imports(ROOT / "kernels" / "block_sparse_attention.py")
+    assert not [m for m in triton_file if forbidden & set(m)], triton_file
+    runtime = [p for d in ("kernels", "vdit_sparse", "pipelines") for p in (ROOT / d).rglob("*.py") if p.name != "reference.py"]
+    assert len(runtime) > 20
+    assert [p.name for p in runtime if any("reference" in m for m in _imports(p))] == []
 
 
 def _bad_calls(kit, gen):
@@ -218,19 +251,20 @@ def _bad_calls(kit, gen):
         "block_size": lambda: block_sparse_attention(q, k, v, mask),
         "block_mask shape": lambda: block_sparse_attention(q, k, v, mask, block_size=(16, 16)),
         "plan: built for": lambda: block_sparse_attention(q[:, :1], k[:, :1], v[:, :1], plan),
+        "plan: built for num_tokens=63": lambda: block_sparse_attention(q, k, v, replace(plan, num_tokens=63)),
         "plan.kv_index": lambda: block_sparse_attention(q, k, v, replace(plan, kv_index=plan.kv_index.long())),
         "skip": lambda: block_sparse_attention(q, k, v, plan, skip=torch.zeros(3, dtype=torch.bool)),
         "out": lambda: block_sparse_attention(q, k, v, plan, out=torch.empty(1)),
         "head dim 24": lambda: block_sparse_attention(q[..., :24], k[..., :24], v, plan, backend="triton"),
         "config: the Triton kernel": lambda: block_sparse_attention(
-            *(t.to(kit.DEVICE) for t in (q, k, v)), kit.to_device(plan, kit.DEVICE), backend="triton",
+            *(t.to(kit.DEVICE) for t in (q, k, v)), plan.to(kit.DEVICE), backend="triton",
             config={"BLOCK_M": 24, "BLOCK_N": 32}),
     }
 
 
 @pytest.mark.parametrize(
     "name", ["backend", "q: dtype", "q, k, v: shapes", "block_size", "block_mask shape", "plan: built for",
-             "plan.kv_index", "skip", "out", "head dim 24", "config: the Triton kernel"]
+             "plan: built for num_tokens=63", "plan.kv_index", "skip", "out", "head dim 24", "config: the Triton kernel"]
 )
 def test_bad_arguments_raise_clear_errors(kit, gen, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):
@@ -278,8 +312,77 @@ def test_one_sync_numbers_match_the_work_list(kit, gen):
     """The tile totals and density read in one device-to-host copy are those the work list and plan give."""
     bsa = importlib.import_module("vdit_sparse.kernels.block_sparse_attention")
     plan = kit.make_plan("segments", B, H, 200, gen)
-    totals, density = bsa._host_numbers(plan, 200, [16, 64, 128], with_density=True)
+    totals, density = bsa._host_numbers(plan, [16, 64, 128], with_density=True)
     for bm, total in totals.items():
-        assert total == bsa.query_tiles(plan.q_offsets, bm)[0].numel()
-        assert all(torch.equal(a, b) for a, b in zip(bsa.query_tiles(plan.q_offsets, bm, total), bsa.query_tiles(plan.q_offsets, bm)))
+        assert total == query_tiles(plan.q_offsets, bm)[0].numel()
+        assert all(torch.equal(a, b) for a, b in zip(query_tiles(plan.q_offsets, bm, total), query_tiles(plan.q_offsets, bm)))
     assert density == pytest.approx(float(plan.density().mean()))
+
+
+# ---------------------------------------------------------------- the plans the methods build
+
+
+def method_settings(method, **overrides):
+    """The settings object ``method.plan`` takes, built as tests/methods build it: the one place to follow its API."""
+    return method.Settings().updated(**overrides)
+
+
+def planted_heads(layout, kinds, dim, gen, logit=10.0):
+    """q, k (1, H, N, dim): head h's video tokens match within their frame (kinds[h] "spatial") or at
+    their spatial position across frames ("temporal"); text tokens carry noise only."""
+    V, s = layout.video_tokens, layout.video_start
+    token = torch.arange(V)
+    group = torch.stack([token // layout.frame_tokens if kind == "spatial" else token % layout.frame_tokens for kind in kinds])
+    codes = torch.linalg.qr(torch.randn(dim, dim, generator=gen)).Q * (logit * dim**0.5) ** 0.5  # orthogonal: groups never match
+    q, k = (torch.randn(1, len(kinds), layout.num_tokens, dim, generator=gen) for _ in range(2))
+    for x in (q, k):
+        x[0, :, s : s + V] += codes[group % dim]  # (H, V, dim)
+    return q, k
+
+
+def planted_clusters(layout, heads, clusters, dim, gen, logit=10.0):
+    """q, k (1, H, N, dim): each video token's q and k lie near one of ``clusters`` centres of its head."""
+    V, s = layout.video_tokens, layout.video_start
+    centres = torch.nn.functional.normalize(torch.randn(heads, clusters, dim, generator=gen), dim=-1) * (logit * dim**0.5) ** 0.5
+    labels = torch.randint(0, clusters, (heads, V), generator=gen)
+    q, k = (0.5 * torch.randn(1, heads, layout.num_tokens, dim, generator=gen) for _ in range(2))
+    for x in (q, k):
+        x[0, :, s : s + V] += centres[torch.arange(heads)[:, None], labels]  # (H, V, dim)
+    return q, k
+
+
+def _triton_matches_reference(kit, gen, q, k, plan):
+    """The kernel on ``plan`` with a random skip mask: output and tile statistics against the reference, fp32."""
+    plan.validate(q.shape[2])
+    v = torch.randn(q.shape, generator=gen)
+    skip = torch.rand(plan.kv_index.shape, generator=gen) < 0.2
+    out, stats = run(kit, "triton", q, k, v, plan, skip=skip, tile_stats=True)
+    assert kit.rel_l2(out, reference_attention(q, k, v, plan.drop(skip))) < 1e-5
+    ref_stats = reference_tile_stats(q, k, plan, skip=skip)
+    assert torch.equal(stats.isinf(), ref_stats.isinf())
+    torch.testing.assert_close(stats[ref_stats.isfinite()], ref_stats[ref_stats.isfinite()], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+def test_triton_on_a_real_svg_plan(kit, gen, dim):
+    """Band blocks, temporal heads permuted to spatial-major order, the first-frame sink, dense text after the video."""
+    layout = VideoLayout(frames=4, height=4, width=8, text_tokens=24, text_position="after")  # N = 152
+    kinds = ["spatial", "temporal", "temporal", "spatial"]
+    q, k = planted_heads(layout, kinds, dim, gen)
+    plan, info = SVG().plan(q, k, AttentionContext(layout=layout), method_settings(SVG, density=0.4, block_size=16))
+    assert set(info["head_pattern"][0]) == {"spatial", "temporal"}  # permuted and unpermuted heads in one plan
+    assert plan.q_perm is not None and float(plan.density().max()) < 0.8
+    _triton_matches_reference(kit, gen, q, k, plan)
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+def test_triton_on_a_real_svg2_plan(kit, gen, dim):
+    """Clusters as unequal segments (some may be empty), tokens sorted by cluster, dense text before the video."""
+    layout = VideoLayout(frames=2, height=8, width=8, text_tokens=20, text_position="before")  # N = 148
+    q, k = planted_clusters(layout, 2, 6, dim, gen)
+    settings = method_settings(SVG2, num_q_clusters=8, num_k_clusters=12, kmeans_iters_first=10)
+    plan, _ = SVG2().plan(q, k, AttentionContext(layout=layout), settings)
+    sizes = plan.q_offsets.diff(dim=1)
+    assert sizes.shape == (2, 9) and sizes[:, 1:].unique().numel() > 2  # one text block, then 8 unequal clusters
+    assert float(plan.density().max()) < 0.8
+    _triton_matches_reference(kit, gen, q, k, plan)

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from vdit_sparse.kernels import cpu_path
-from vdit_sparse.kernels.block_sparse_attention import block_sparse_attention
+from vdit_sparse.kernels import block_sparse_attention
 from vdit_sparse.kernels.reference import reference_attention, reference_tile_stats
 from vdit_sparse.plan import from_block_mask
 
@@ -113,7 +113,7 @@ def test_cpu_dispatch_picks_the_cheaper_path(kit, gen, monkeypatch):
     blocks = from_block_mask(torch.rand(1, 2, 4, 4, generator=gen) < 0.3, (64, 64), N)
     off = torch.arange(0, N + 1, 4, dtype=torch.int32).expand(2, -1).contiguous()  # 64 clusters of 4 tokens
     count, index = kit.random_lists(off, off, 0.3, gen)
-    clusters = BlockPlan(off, off, count, index, 1, 2, kit.random_perm(2, N, gen), kit.random_perm(2, N, gen))
+    clusters = BlockPlan(off, off, count, index, 1, 2, kit.random_perm(2, N, gen), kit.random_perm(2, N, gen), num_tokens=N)
     for plan, expected in ((blocks, "tiled"), (clusters, "masked")):
         out, stats = block_sparse_attention(q, k, v, plan, tile_stats=True)
         assert used[-1] == expected

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vdit_sparse import Params, VideoLayout, sparse_attention
+from vdit_sparse import VideoLayout, sparse_attention
+from vdit_sparse.settings import settings_for
 from vdit_sparse.methods import AttentionContext
 from vdit_sparse.methods.svg import (
     SPATIAL,
@@ -188,7 +189,7 @@ def test_profile_error_is_the_plans_own_error_on_the_sampled_rows(with_v):
     q, k = planted_qk(layout, kinds, dim=32, logit=5.0, seed=8)  # weak structure: errors well above zero
     v = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
     ctx = AttentionContext(layout=layout, layer=4, step=11)
-    plan, info = SVG().plan(q, k, ctx, Params(density=0.25, block_size=32), v=v if with_v else None)
+    plan, info = SVG().plan(q, k, ctx, settings_for("svg", {"density": 0.25, "block_size": 32}), v=v if with_v else None)
     assert info["head_pattern"] == kinds
     rows = info["sampled_rows"]
     mask = plan.token_mask()[:, :, rows]  # (B, H, R, N): the plan, evaluated at the sampled rows
@@ -233,7 +234,7 @@ def test_dense_error_sends_structureless_heads_dense():
 def test_masks_are_built_once_per_shape_and_knobs():
     q, k = planted_qk(LAYOUT, [["spatial"]], dim=32, seed=13)
     ctx = AttentionContext(layout=LAYOUT)
-    p = Params(density=0.25, block_size=32)
+    p = settings_for("svg", {"density": 0.25, "block_size": 32})
     SVG().plan(q, k, ctx, p)
     first = ctx.state["svg_masks"][1]
     ctx.step = 1
@@ -247,9 +248,9 @@ def test_bad_inputs_name_the_input():
     q, k = planted_qk(LAYOUT, [["spatial"]], dim=32, seed=14)
     ctx = AttentionContext(layout=LAYOUT)
     with pytest.raises(ValueError, match="v: expected shape"):
-        SVG().plan(q, k, ctx, Params(), v=torch.zeros(1, 1, 5, 32))
+        SVG().plan(q, k, ctx, settings_for("svg"), v=torch.zeros(1, 1, 5, 32))
     with pytest.raises(ValueError, match="q sequence length 1024"):
-        SVG().plan(q, k, AttentionContext(layout=VideoLayout(frames=3, height=4, width=4)), Params())
+        SVG().plan(q, k, AttentionContext(layout=VideoLayout(frames=3, height=4, width=4)), settings_for("svg"))
 
 
 def test_a_partly_taken_ring_is_spread_over_the_whole_sequence():
@@ -264,3 +265,16 @@ def test_a_partly_taken_ring_is_spread_over_the_whole_sequence():
 def test_band_mask_keeps_at_least_the_diagonal():
     mask = band_mask(1000, 64, 0, target_pairs=0.0)  # a request below the diagonal: the diagonal is the floor
     assert torch.equal(mask, torch.eye(16, dtype=torch.bool))
+
+
+def test_segment_identity_changes_exactly_for_reclassified_heads():
+    """The tile-skip cache drops a head's marks when its identity changes: svg must report the class per head."""
+    layout = VideoLayout(frames=8, height=4, width=4)
+    settings = settings_for("svg", {"density": 0.3, "block_size": 16})
+    ids = []
+    for kinds in ([["spatial", "temporal", "spatial"]], [["temporal", "temporal", "spatial"]]):
+        q, k = planted_qk(layout, kinds, dim=32, seed=3)
+        _, info = SVG().plan(q, k, AttentionContext(layout=layout), settings)
+        assert info["head_pattern"] == kinds
+        ids.append(info["segment_identity"])
+    assert (ids[0] != ids[1]).tolist() == [True, False, False]  # only head 0 changed class

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from vdit_sparse import Params, VideoLayout, sparse_attention
+from vdit_sparse import VideoLayout, sparse_attention
+from vdit_sparse.settings import settings_for
 from vdit_sparse.kernels.kmeans import cluster_sizes
 from vdit_sparse.kernels.reference import dense_reference
 from vdit_sparse.methods import AttentionContext
@@ -59,7 +60,7 @@ def rel_l2(a, b):
 
 def plan_of(q, k, layout, state=None, **params):
     ctx = AttentionContext(layout=layout, state={} if state is None else state)
-    return SVG2().plan(q, k, ctx, Params().updated(**params))
+    return SVG2().plan(q, k, ctx, settings_for("svg2", params))
 
 
 def test_planted_clusters_are_recovered_and_attention_stays_accurate():

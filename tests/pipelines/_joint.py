@@ -53,8 +53,8 @@ def full_density_methods():
 
     settings = {
         "dense": {},
-        "svg": {"density": 1.0},
-        "svg2": {"density": 1.0, "num_q_clusters": 4, "num_k_clusters": 4, "kmeans_iters_first": 2},
+        "svg": {"density": 1.0, "warmup_steps": 0},  # direct transformer calls announce no step count
+        "svg2": {"density": 1.0, "num_q_clusters": 4, "num_k_clusters": 4, "kmeans_iters_first": 2, "warmup_steps": 0},
     }
     return [(name, settings[name]) for name in sorted(METHODS) if name in settings] + [("video_full", {})]
 
@@ -64,3 +64,24 @@ def capture_attention(module):
     records = []
     handle = module.register_forward_hook(lambda mod, args, out: records.append(tuple(o.detach().clone() for o in out)))
     return records, handle.remove
+
+
+def run_accelerated(target, fn, attention: str, **settings):
+    """``fn()`` with ``target`` (a pipeline or transformer) accelerated; returns (its result, the stats)."""
+    import vdit_sparse as vs
+
+    acc = vs.accelerate(target, attention=attention, **settings)
+    try:
+        out = fn()
+        return out, acc.stats()
+    finally:
+        acc.remove()
+
+
+def check_sparse_run_then_remove(target, generate, attention: str = "video_diagonal"):
+    """A sparse run changes the output; after remove() it is the reference again, bit for bit. Returns the stats."""
+    ref = generate()
+    sparse, table = run_accelerated(target, generate, attention)
+    assert (sparse - ref).abs().max() > 1e-3
+    assert torch.equal(generate(), ref)
+    return table

@@ -7,7 +7,9 @@ import vdit_sparse as vs
 from vdit_sparse.layout import VideoLayout
 from vdit_sparse.pipelines import CogVideoXAdapter, adapter_for
 
-from ._joint import VideoDiagonalText, capture_attention, full_density_methods, register
+from ._joint import (
+    VideoDiagonalText, capture_attention, check_sparse_run_then_remove, full_density_methods, register, run_accelerated,
+)
 
 TEXT = 5
 VERSIONS = {"1.0": {}, "1.5": {"patch_size_t": 2, "patch_bias": False}}  # 1.5 also patches in time
@@ -93,12 +95,8 @@ def test_dense_is_bit_identical_and_remove_restores_the_stock_processors(pipe):
 def test_every_method_at_full_density_matches_dense(pipe, methods, method, overrides):
     t, kw = pipe.transformer, inputs(pipe)
     ref = run(t, **kw)
-    acc = vs.accelerate(t, attention=method, **overrides)
-    try:
-        out = run(t, **kw)
-        densities = [r["density"] for r in acc.stats()]
-    finally:
-        acc.remove()
+    out, rows = run_accelerated(t, lambda: run(t, **kw), method, **overrides)
+    densities = [r["density"] for r in rows]
     assert (out - ref).abs().max() <= 1e-4
     assert densities == [pytest.approx(1.0)] * len(t.transformer_blocks)
 
@@ -135,14 +133,23 @@ def test_pipeline_cfg_batch_sparse_run_then_remove_is_bit_identical(version, met
         return pipe(**prompt, height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=6.0,
                     output_type="latent", generator=torch.Generator().manual_seed(0)).frames
 
-    ref = generate()
-    acc = vs.accelerate(pipe, attention="video_diagonal")
-    sparse = generate()
-    table = acc.stats()
-    acc.remove()
-    assert (sparse - ref).abs().max() > 1e-3
-    assert torch.equal(generate(), ref)
+    table = check_sparse_run_then_remove(pipe, generate)
     # cond and uncond run as one batch: one branch, counted steps
     assert {(r["step"], r["branch"], r["layer"]) for r in table} == {(s, "cond_uncond", l) for s in (0, 1) for l in (0, 1)}
     frames = 3 if version == "1.0" else 2  # 1.5 pads 3 latent frames to 4, then patches pairs
     assert {layout.frames for _, layout in VideoDiagonalText.seen} == {frames}
+
+
+def test_fractional_warmup_reads_the_step_count_from_the_scheduler(methods):
+    """CogVideoX announces no step count: a fractional warm-up must count the scheduler's steps."""
+    pipe = build_pipeline("1.0")
+    g = torch.Generator().manual_seed(2)
+    embeds = dict(prompt_embeds=torch.randn(1, TEXT, 16, generator=g), negative_prompt_embeds=torch.randn(1, TEXT, 16, generator=g))
+    acc = vs.accelerate(pipe, attention="video_diagonal", warmup_steps=0.5)
+    try:
+        pipe(**embeds, height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=6.0,
+             output_type="latent", generator=torch.Generator().manual_seed(0))
+        by_step = {r["step"]: r["method"] for r in acc.stats()}
+    finally:
+        acc.remove()
+    assert by_step == {0: "dense", 1: "dense", 2: "video_diagonal", 3: "video_diagonal"}

@@ -7,7 +7,9 @@ import vdit_sparse as vs
 from vdit_sparse.layout import VideoLayout
 from vdit_sparse.pipelines import HunyuanVideoAdapter, adapter_for
 
-from ._joint import VideoDiagonalText, capture_attention, full_density_methods, register
+from ._joint import (
+    VideoDiagonalText, capture_attention, check_sparse_run_then_remove, full_density_methods, register, run_accelerated,
+)
 
 TEXT, REAL = 6, 4  # prompt tokens, of which the first REAL are not padding
 VIDEO = 3 * 4 * 4  # latents (B, 4, 3, 8, 8) with patch 2: 3 frames of 4 × 4 tokens
@@ -71,11 +73,7 @@ def test_dense_is_bit_identical_and_remove_restores_the_stock_processors(transfo
     kw = inputs()
     ref = run(transformer, **kw)
     stock = [type(b.attn.processor) for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
-    acc = vs.accelerate(transformer, attention="dense")
-    try:
-        dense = run(transformer, **kw)
-    finally:
-        acc.remove()
+    dense, _ = run_accelerated(transformer, lambda: run(transformer, **kw), "dense")
     assert torch.equal(dense, ref)
     assert [type(b.attn.processor) for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)] == stock
 
@@ -84,12 +82,8 @@ def test_dense_is_bit_identical_and_remove_restores_the_stock_processors(transfo
 def test_every_method_at_full_density_matches_dense(transformer, methods, method, overrides):
     kw = inputs(batch=2, real=(REAL, REAL))
     ref = run(transformer, **kw)
-    acc = vs.accelerate(transformer, attention=method, **overrides)
-    try:
-        out = run(transformer, **kw)
-        densities = [r["density"] for r in acc.stats()]
-    finally:
-        acc.remove()
+    out, rows = run_accelerated(transformer, lambda: run(transformer, **kw), method, **overrides)
+    densities = [r["density"] for r in rows]
     assert (out - ref).abs().max() <= 1e-4
     assert densities == [pytest.approx(1.0)] * 2
 
@@ -128,11 +122,7 @@ def test_sparse_text_rows_equal_dense_and_padding_takes_no_attention(transformer
 def test_prompts_padded_to_different_lengths_run_dense(transformer, methods):
     kw = inputs(batch=2, real=(REAL, 2))
     ref = run(transformer, **kw)
-    acc = vs.accelerate(transformer, attention="video_diagonal")
-    try:
-        out = run(transformer, **kw)
-    finally:
-        acc.remove()
+    out, _ = run_accelerated(transformer, lambda: run(transformer, **kw), "video_diagonal")
     assert torch.equal(out, ref)
     assert VideoDiagonalText.seen == []
 
@@ -161,25 +151,14 @@ def test_pipeline_sparse_run_then_remove_is_bit_identical(transformer, methods):
                    generator=torch.Generator().manual_seed(0))
         return out.frames
 
-    ref = generate()
-    acc = vs.accelerate(pipe, attention="video_diagonal")
-    sparse = generate()
-    table = acc.stats()
-    acc.remove()
-    assert (sparse - ref).abs().max() > 1e-3
-    assert torch.equal(generate(), ref)
+    table = check_sparse_run_then_remove(pipe, generate)
     assert {(r["step"], r["branch"], r["layer"]) for r in table} == {(s, "cond", l) for s in (0, 1) for l in (0, 1)}
 
 
 def test_prompts_of_different_lengths_run_the_stock_call_and_are_recorded(transformer):
     kw = inputs(batch=2, real=(REAL, REAL - 1))
     ref = run(transformer, **kw)
-    acc = vs.accelerate(transformer, attention="svg", density=0.5)
-    try:
-        out = run(transformer, **kw)
-        rows = acc.stats()
-    finally:
-        acc.remove()
+    out, rows = run_accelerated(transformer, lambda: run(transformer, **kw), "svg", density=0.5, warmup_steps=0)
     assert torch.equal(out, ref)
     layers = len(HunyuanVideoAdapter.self_attention(transformer))
     assert len(rows) == layers and {r["method"] for r in rows} == {"dense"} and {r["density"] for r in rows} == {1.0}

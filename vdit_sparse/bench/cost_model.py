@@ -15,7 +15,7 @@ same entry points a tuned run uses:
   every step after the first sparse one), which a sparse layer pays on top of its kernel.
 
 Times are medians of ``--repeats`` runs after ``--warmup`` runs (CUDA events on GPU). The JSON's
-format is read by ``vdit_sparse.tune_cost.load_cost_model``; ``tune`` picks it up from
+format is read by ``vdit_sparse.tune.cost.load_cost_model``; ``tune`` picks it up from
 ``configs/cost_model.json`` or ``--cost-model PATH``.
 """
 
@@ -32,7 +32,7 @@ SHAPES = {  # name: (heads, tokens, head dim)
     "wan-1.3b-480p": (12, 32760, 128),
     "wan-14b-720p": (40, 75600, 128),
     "hunyuan-720p": (24, 119056, 128),
-    "tiny": (4, 320, 24),  # the embedded model at its default 17 frames x 128 x 128
+    "tiny": (6, 448, 32),  # the embedded model at its default 25 frames x 128 x 128 (7 x 8 x 8 tokens)
 }
 DENSITIES = (0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the JSON to write (e.g. configs/cost_model.json)")
     p.add_argument("--shapes", nargs="+", default=["wan-1.3b-480p", "wan-14b-720p"], choices=list(SHAPES))
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    p.add_argument("--block-size", type=int, default=64, help="tokens per band block (Params.block_size)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per band block (the block_size setting)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=20)
@@ -109,15 +109,15 @@ def kernel_points(q, k, v, args, device) -> list[dict]:
 
 
 def planning_ms(q, k, v, args, device) -> dict:
-    from vdit_sparse.methods import AttentionContext, get_method
-    from vdit_sparse.params import Params
+    from vdit_sparse.methods import AttentionContext, get_method, sparse_methods
+    from vdit_sparse.settings import settings_for
 
     layout = layout_for(q.shape[2])
     out = {}
-    for name in ("svg", "svg2"):
+    for name in sparse_methods():
         ctx = AttentionContext(layout=layout, step=1, num_steps=50)
-        params = Params().updated(density=0.2, block_size=args.block_size)
-        method = get_method(name)
+        params = settings_for(name, {"density": 0.2, "block_size": args.block_size})
+        method = get_method(name)()
         method.plan(q, k, ctx, params, v=v)  # the first call: cold k-means, masks built; not the steady state
         out[name] = timed_ms(lambda: method.plan(q, k, ctx, params, v=v), device, args.repeats, args.warmup)
         print(f"  planning {name}: {out[name]:.3f} ms", flush=True)
@@ -140,7 +140,7 @@ def measure_shape(name: str, args, device, dtype) -> dict:
 def main(argv=None) -> int:
     from vdit_sparse.atomicfile import atomic_write_json
     from vdit_sparse.generate import versions
-    from vdit_sparse.tune_cost import FORMAT, load_cost_model
+    from vdit_sparse.tune.cost import FORMAT, load_cost_model
 
     from . import require_cuda
 

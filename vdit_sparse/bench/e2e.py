@@ -101,7 +101,7 @@ def run(args) -> list[dict]:
     rows = []
     for compile_backend in ([False, "inductor"] if not args.smoke else [False, "aot_eager"]):
         for method, density, cache in settings:
-            params = {} if density is None else {"density": density}
+            params = {"warmup_steps": 0} if density is None else {"density": density, "warmup_steps": 0}  # one forward: no warm-up
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             acc = vs.accelerate(model, attention=method, cache=cache, compile=compile_backend, **params)
@@ -127,10 +127,12 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from vdit_sparse.methods import sparse_methods
+
     p = argparse.ArgumentParser(prog="vdit-sparse bench --e2e", description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="wan-1.3b-480p")
     p.add_argument("--layers", type=int, help="layers to build (default: the model's)")
-    p.add_argument("--methods", nargs="+", default=["svg", "svg2"])
+    p.add_argument("--methods", nargs="+", default=sparse_methods(), choices=sparse_methods())
     p.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.15, 0.08])
     p.add_argument("--tileskip", action="store_true", help="also run each setting with cache=tileskip")
     p.add_argument("--repeats", type=int, default=5)

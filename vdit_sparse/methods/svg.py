@@ -42,12 +42,13 @@ density (not 1 - (1 - w/N)²); no state outside ``ctx.state``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..layout import VideoLayout
-from ..params import Params
-from ..plan import BlockPlan, attach_text, uniform_offsets
+from ..settings import Settings, flag, fraction, optional_positive, positive_int, setting, warmup
+from ..plan import BlockPlan, attach_text, from_head_patterns, uniform_offsets
 from .base import AttentionContext, Method
 
 DEFAULT_DENSITY = 0.25
@@ -56,10 +57,25 @@ SPATIAL, TEMPORAL, DENSE = range(3)
 _PROFILE_ELEMENTS = 1 << 25  # score entries per profiling chunk: bounds its memory at large N
 
 
+@dataclass(frozen=True)
+class SVGSettings(Settings):
+    method = "svg"
+
+    density: float = setting(DEFAULT_DENSITY, fraction, "fraction of the attention matrix computed, in (0, 1]")
+    num_sampled_rows: int = setting(64, positive_int, "query rows profiled per head to classify it")
+    first_frame_sink: bool = setting(True, flag, "spatial heads also attend to the whole first frame")
+    dense_error: float | None = setting(
+        None, optional_positive, "a head whose better pattern errs more than this runs dense (null: off)")
+    warmup_steps: float = setting(0.25, warmup, "first steps run dense: a count, or a fraction of the steps when < 1")
+
+
 class SVG(Method):
     name = "svg"
+    Settings = SVGSettings
+    summary = "each head profiled online as spatial or temporal; temporal heads permuted to a dense band"
+    knobs = {"density": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)}
 
-    def plan(self, q, k, ctx: AttentionContext, params: Params, v=None) -> tuple[BlockPlan | None, dict]:
+    def plan(self, q, k, ctx: AttentionContext, params: SVGSettings, v=None) -> tuple[BlockPlan | None, dict]:
         """q, k (B, H, N, D) -> (plan, info with head_pattern [B][H], stats, pattern_error, sampled_rows).
 
         ``v`` (B, H, N, Dv), optional: profile by the rows' output error instead of the dropped mass.
@@ -69,7 +85,7 @@ class SVG(Method):
         if v is not None and v.shape[:3] != q.shape[:3]:
             raise ValueError(f"v: expected shape (B, H, N, Dv) with (B, H, N) = {tuple(q.shape[:3])}, got {tuple(v.shape)}")
         B, H = q.shape[:2]
-        density = DEFAULT_DENSITY if params.density is None else params.density
+        density = params.density
         if density >= 1.0:  # every block: run dense, exactly
             classes = torch.full((B, H), DENSE, dtype=torch.long)
             return None, _info(classes, None, None)
@@ -232,30 +248,8 @@ def classify(errors: torch.Tensor, dense_error: float | None) -> torch.Tensor:
 def build_plan(classes: torch.Tensor, masks: torch.Tensor, layout: VideoLayout, block: int) -> BlockPlan:
     """The plan for heads of ``classes`` (B, H): band blocks over the video part in each head's own
     order, spatial-major through q_perm/k_perm for temporal heads, dense text attached."""
-    B, H = classes.shape
-    G, V, dev = B * H, layout.video_tokens, classes.device
-    nb = masks.shape[-1]
-    table = torch.cat([masks, torch.ones(1, nb, nb, dtype=torch.bool, device=dev)])  # (3, nb, nb) by class
-    counts = table.sum(-1).to(torch.int32)  # (3, nb)
-    present = torch.zeros(3, dtype=torch.bool, device=dev)
-    present[classes.flatten()] = True
-    width = max(1, int(counts[present].max()))
-    # listed key blocks first, ascending; only as wide as the widest class in use needs
-    index = torch.sort((~table).to(torch.int8), dim=-1, stable=True).indices[..., :width].to(torch.int32)  # (3, nb, width)
-    cls = classes.flatten()  # (G,)
-    perm = None
-    if bool((cls == TEMPORAL).any()):
-        identity = torch.arange(V, device=dev, dtype=torch.int32)
-        spatial_major = layout.spatial_major_order(dev).to(torch.int32)  # plan position -> frame-major token
-        perm = torch.where((cls == TEMPORAL)[:, None], spatial_major, identity).contiguous()  # (G, V)
-    plan = BlockPlan(
-        q_offsets=uniform_offsets(V, block, G, dev),
-        k_offsets=uniform_offsets(V, block, G, dev),
-        kv_count=counts[cls].contiguous(),
-        kv_index=index[cls].contiguous(),
-        batch=B,
-        heads=H,
-        q_perm=perm,
-        k_perm=perm,
-    )
+    table = torch.cat([masks, torch.ones_like(masks[:1])])  # (3, nb, nb) by class: spatial, temporal, dense
+    orders = [None] * len(PATTERNS)
+    orders[TEMPORAL] = layout.spatial_major_order(classes.device)  # plan position -> frame-major token
+    plan = from_head_patterns(table, classes, block, layout.video_tokens, orders)
     return attach_text(plan, layout, text_block=block)

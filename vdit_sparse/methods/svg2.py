@@ -31,11 +31,13 @@ marks for cluster pairs across steps and drops them when the identity changes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..kernels.kmeans import cluster_sizes, kmeans
-from ..plan import BlockPlan, attach_text
+from ..plan import BlockPlan, attach_text, from_clusters
+from ..settings import Settings, count, fraction, optional_fraction, positive_int, setting, unit_interval, warmup
 from .base import Method
 
 MIN_CLUSTER_TOKENS = 8
@@ -92,24 +94,7 @@ def select_budget(mass, q_sizes, k_sizes, budget, min_keep: int):
 
 def segment_plan(q_labels, k_labels, q_sizes, k_sizes, selected, batch: int, heads: int) -> BlockPlan:
     """A BlockPlan over the video tokens with one segment per cluster, tokens sorted by cluster."""
-    G, Cq, Ck = selected.shape
-    q_perm = q_labels.argsort(dim=1, stable=True).to(torch.int32)  # (G, V): plan position -> token
-    k_perm = k_labels.argsort(dim=1, stable=True).to(torch.int32)
-    zero = torch.zeros(G, 1, dtype=torch.int64, device=q_sizes.device)
-    q_offsets = torch.cat([zero, q_sizes.cumsum(1)], 1).to(torch.int32)  # (G, Cq + 1)
-    k_offsets = torch.cat([zero, k_sizes.cumsum(1)], 1).to(torch.int32)  # (G, Ck + 1)
-    # selected key clusters first, in ascending id (contiguous memory); full width Ck avoids a host sync
-    kv_index = (~selected).to(torch.int8).argsort(dim=2, stable=True).to(torch.int32)  # (G, Cq, Ck)
-    return BlockPlan(
-        q_offsets=q_offsets,
-        k_offsets=k_offsets,
-        kv_count=selected.sum(2).to(torch.int32),
-        kv_index=kv_index.contiguous(),
-        batch=batch,
-        heads=heads,
-        q_perm=q_perm.contiguous(),
-        k_perm=k_perm.contiguous(),
-    )
+    return from_clusters(q_labels, k_labels, q_sizes, k_sizes, selected, batch, heads)
 
 
 def _clusters(q, k, counts, shape, state, params):
@@ -134,8 +119,25 @@ def _clusters(q, k, counts, shape, state, params):
     return q_km, k_km, iters, identity
 
 
+@dataclass(frozen=True)
+class SVG2Settings(Settings):
+    method = "svg2"
+
+    top_p: float = setting(0.9, fraction, "share of the estimated attention mass each query cluster keeps")
+    density: float | None = setting(None, optional_fraction, "a fixed budget instead of top_p (null: top_p decides)")
+    min_k_ratio: float = setting(0.0, unit_interval, "floor on the share of key clusters each query cluster keeps")
+    num_q_clusters: int = setting(100, positive_int, "k-means clusters of the queries, per head")
+    num_k_clusters: int = setting(500, positive_int, "k-means clusters of the keys, per head")
+    kmeans_iters_first: int = setting(50, positive_int, "k-means iterations at a cold start")
+    kmeans_iters_step: int = setting(2, count, "k-means iterations per later call, from the previous centroids")
+    warmup_steps: float = setting(0.25, warmup, "first steps run dense: a count, or a fraction of the steps when < 1")
+
+
 class SVG2(Method):
     name = "svg2"
+    Settings = SVG2Settings
+    summary = "k-means on q and k per head, tokens reordered by cluster, cluster pairs kept up to top_p of the mass"
+    knobs = {"density": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7), "top_p": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)}
 
     def plan(self, q, k, ctx, params, v=None):
         layout = ctx.layout

@@ -11,7 +11,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from .quality.plots import LINE_COLOURS, nice_ticks
+from ..quality.plots import LINE_COLOURS, nice_ticks
 
 W, H = 560, 300
 LEFT, RIGHT, TOP, BOTTOM = 60, 20, 30, 45
@@ -139,7 +139,7 @@ def render(meta, cands, options, chosen, validation, fit, uniform) -> str:
 
 def write_report(table: Path, meta, cands, options, chosen, validation, fit, uniform) -> Path:
     """Write NAME.report.html and NAME.report.json beside the table; returns the HTML path."""
-    from .atomicfile import atomic_write, atomic_write_json
+    from ..atomicfile import atomic_write, atomic_write_json
 
     html_path, json_path = report_paths(table)
     data = {

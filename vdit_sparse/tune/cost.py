@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT = "vdit-sparse cost model 1"
 FALLBACK = "proportional fallback, no GPU measurement"
@@ -100,7 +100,7 @@ def load_cost_model(path: str | Path | None) -> CostModel:
     """The measured model at ``path`` (or at the default location when ``path`` is None and it exists),
     else the proportional fallback."""
     if path is None:
-        from .config import config_dir
+        from ..config import config_dir
 
         path = config_dir() / "cost_model.json"
         if not path.is_file():

@@ -6,9 +6,8 @@ output is compared with the dense output of the same call: relative L2 error ‖
 and realised density. Nothing is stored but those numbers, so memory stays that of one call.
 
 How the calls are seen: ``accelerate(pipe, attention="dense")`` installs our processors, and the
-recorder wraps each processor's ``attend`` callable (its documented entry to the handle), calling
-through to it: the run stays the dense run, bit for bit, and its frames are the reference video.
-No global registry is touched, and the handle's ``remove()`` drops the wrappers with the processors.
+recorder is an observer of the handle (``handle.observe``), which sees every call's q, k, v and
+dense output: the run stays the dense run, bit for bit, and its frames are the reference video.
 
 Errors are measured on the dense trajectory: the error one call would make, not the error that
 accumulates over a sparse run (the end-to-end PSNR check in ``tune`` measures that). The tile-skip
@@ -20,21 +19,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .attention import run_method
-from .methods import AttentionContext
-from .params import Params
-from .tune_cost import CallShape
+from ..attention import run_method
+from ..methods import METHODS, AttentionContext
+from ..settings import Settings
+from .cost import CallShape
 
-KNOBS = ("density", "top_p", "threshold")
-DEFAULT_VALUES = {
-    "density": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7),
-    "top_p": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
-    "threshold": (-14.0, -10.0, -8.0, -6.0, -4.0, -3.0, -2.0, -1.0),
-}
+# The tile-skip cache's knob (log2 units); each method declares its own knobs (Method.knobs).
+TILESKIP_KNOB = ("threshold", (-20.0, -14.4, -11.5, -8.7, -5.8, -4.3, -2.9, -1.4))
+
+
+def knobs_of(attention: str, cache: str) -> dict[str, tuple]:
+    """The knobs tune may vary for this method and cache, with their default values; the first is the default."""
+    if "tileskip" in cache.split("+"):
+        return dict([TILESKIP_KNOB])
+    return dict(METHODS[attention].knobs)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Candidate:
 
     setting: dict  # the layer's entry in the tuned table, e.g. {"density": 0.2} or {"attention": "dense"}
     method: str
-    params: Params
+    params: Settings
     cache: str
 
     @property
@@ -51,22 +53,23 @@ class Candidate:
         return ", ".join(f"{k}={v}" for k, v in self.setting.items())
 
 
-def candidates(attention: str, cache: str, knob: str, values, base: Params) -> list[Candidate]:
+def candidates(attention: str, cache: str, knob: str, values, base: Settings) -> list[Candidate]:
     """The candidates of ``knob`` at ``values``; the density and top_p knobs also offer a dense layer.
 
     Calibration runs them in this order on one shared method state (all but the threshold knob), so
     svg2's k-means advances once per call, in the first candidate: the others reuse its centroids
     (``kmeans_iters_step=0``) and differ only in which cluster pairs they keep, as their settings do.
     """
-    shared = knob != "threshold"
+    shared = knob != TILESKIP_KNOB[0]
     out = []
     for i, v in enumerate(values):
         params = base.updated(**{knob: v})
-        if shared and attention == "svg2" and i > 0:
+        if shared and i > 0 and "kmeans_iters_step" in base.names():
             params = params.updated(kmeans_iters_step=0)
         out.append(Candidate({knob: v}, attention, params, cache))
-    if knob != "threshold":
-        out.append(Candidate({"attention": "dense"}, "dense", base, "none"))
+    if shared:
+        dense = METHODS["dense"].Settings(**{k: getattr(base, k) for k in Settings.names()})
+        out.append(Candidate({"attention": "dense"}, "dense", dense, "none"))
     return out
 
 
@@ -87,37 +90,31 @@ class Recorder:
         self.shapes: dict[int, CallShape] = {}
         self.calls: dict[int, int] = defaultdict(int)  # attention calls per layer, all runs together
         self._state: dict[tuple, dict] = {}
+        self._methods: dict = {}
 
     def new_run(self) -> None:
         self._state.clear()  # a new prompt: methods start as they would in a fresh run
 
-    def wrap(self, handle, model: str, attend):
-        def recording(layer, q, k, v, dense_fn, dense: bool = False):  # (B, N, H, D) each, as the processors hand them
-            out = attend(layer, q, k, v, dense_fn, dense=dense)  # the dense run itself
-            call = handle.current_call
-            self.calls[layer] += 1
-            # dense=True: an input no plan can express (a padding mask); a tuned run computes it densely too
-            sampled = self.sample_steps is None or call.step in self.sample_steps
-            if sampled and not dense and q.shape[1] == call.layout.num_tokens:
-                self.observe(model, layer, call, q, k, v, out)
-            return out
-
-        return recording
+    def __call__(self, ctx: AttentionContext, q, k, v, out, forced_dense: bool) -> None:
+        """The handle's observer: every call of the dense run, tensors (B, H, N, D)."""
+        self.calls[ctx.layer] += 1
+        # forced_dense: an input no plan can express (a padding mask); a tuned run computes it densely too
+        sampled = self.sample_steps is None or ctx.step in self.sample_steps
+        if sampled and not forced_dense and q.shape[2] == ctx.layout.num_tokens:
+            self.observe(ctx, q, k, v, out)
 
     @torch.no_grad()
-    def observe(self, model, layer, call, q, k, v, out) -> None:
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
-        exact = out.transpose(1, 2)  # (B, H, N, D)
-        B, H, N, D = qt.shape
-        self.shapes[layer] = CallShape(B * H, N, D)
+    def observe(self, call: AttentionContext, q, k, v, exact) -> None:
+        B, H, N, D = q.shape
+        self.shapes[call.layer] = CallShape(B * H, N, D)
         for i, cand in enumerate(self.cands):
-            key = (model, call.branch, layer) if self.share_state else (model, call.branch, layer, i)
-            ctx = AttentionContext(
-                layout=call.layout, layer=layer, step=call.step, num_steps=call.num_steps, branch=call.branch,
-                state=self._state.setdefault(key, {}),
-            )
-            approx, info = run_method(qt, kt, vt, ctx, cand.method, cand.params, cache=cand.cache)
-            self.observed[(layer, i)].append((relative_error(approx, exact), float(info["density"].float().mean())))
+            key = (call.model, call.branch, call.layer) if self.share_state else (call.model, call.branch, call.layer, i)
+            ctx = replace(call, state=self._state.setdefault(key, {}))
+            method = self._methods.setdefault(cand.method, METHODS[cand.method]())
+            approx, info = run_method(q, k, v, ctx, method, cand.params, cache=cand.cache)
+            if approx is None:  # a dense candidate: exactly the dense output
+                approx = exact
+            self.observed[(call.layer, i)].append((relative_error(approx, exact), float(info["density"].float().mean())))
 
     def curve(self, layer: int) -> list[tuple[float, float]]:
         """[(mean error, mean density)] per candidate for ``layer``, in candidate order."""
@@ -135,18 +132,15 @@ class Recorder:
 
 @contextmanager
 def recording(pipe, recorder: Recorder):
-    """The pipeline, accelerated with dense attention and recorded by ``recorder``, until the block ends."""
-    from .integration import accelerate, transformers_of
-    from .pipelines import adapter_for
+    """The pipeline, accelerated with dense attention and observed by ``recorder``, until the block ends."""
+    from ..integration import accelerate
 
     handle = accelerate(pipe, attention="dense")
+    handle.observe(recorder)
     try:
-        for name, transformer in transformers_of(pipe):
-            for _, module in adapter_for(transformer).self_attention(transformer):
-                module.processor.attend = recorder.wrap(handle, name, module.processor.attend)
         yield handle
     finally:
-        handle.remove()  # the wrapped processors go with it: the pipeline is dense again
+        handle.remove()  # the pipeline is dense again
 
 
 def sampled_steps(num_steps: int, warmup: int, count: int) -> set[int]:

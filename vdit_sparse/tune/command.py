@@ -1,16 +1,16 @@
 """``vdit-sparse tune``: a per-layer table of settings, the cheapest that keeps quality within a target.
 
-1. Calibrate: dense runs on a few prompts, recorded (tune_calibrate): per layer, the relative error
+1. Calibrate: dense runs on a few prompts, recorded (calibrate.py): per layer, the relative error
    and realised density of every candidate setting at sampled steps after warm-up.
-2. Search (tune_search): one setting per layer, least predicted attention time (tune_cost: a GPU
+2. Search (search.py): one setting per layer, least predicted attention time (cost.py: a GPU
    measurement, or a proportional fallback that the outputs name), mean error ≤ ``--target-error``.
    ``--target-psnr`` runs uniform settings end to end, fits PSNR against predicted error, searches
    at the error that fit gives, and checks the table with real runs (tightening up to ``--rounds``).
 3. Write ``--out`` (YAML: ``metadata`` and ``layers``, read by ``accelerate(pipe, tuned=...)``,
    ``generate --tuned`` and ``tuned=``), validate on held-out prompts against a uniform setting of
-   the same predicted cost, and write the report (tune_report) beside the YAML.
+   the same predicted cost, and write the report (report.py) beside the YAML.
 
-With ``--cache tileskip`` the knob is the tile-skip threshold (issue 8): per-layer thresholds whose
+With ``--cache tileskip`` the knob is the tile-skip threshold (log2 units): per-layer thresholds whose
 attention error against dense stays within the target.
 """
 
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .generate import GenerateRequest, add_generation_args, parse_generation_args, request_from_args
-from .params import Params
-from .tune_calibrate import DEFAULT_VALUES, KNOBS, Candidate, Recorder, candidates, recording, sampled_steps
-from .tune_cost import CostModel, load_cost_model
-from .tune_search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
+from ..errors import UserError
+from ..generate import GenerateRequest, add_generation_args, parse_generation_args, request_from_args
+from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
+from .cost import CostModel, load_cost_model
+from .search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
 HELP = "find per-layer sparse-attention settings for a quality target; write configs/tuned/NAME.yaml and a report"
 CALIBRATION_PROMPTS = ("a red square moving right", "two blue circles moving up on a striped background")
@@ -49,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the table: a .yaml path, or a NAME for configs/tuned/NAME.yaml; the report goes beside it")
     p.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
     p.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
-    p.add_argument("--knob", choices=KNOBS, help="what varies per layer (default: threshold with --cache tileskip, else density)")
-    p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid; negative thresholds as --values=-10,-4)")
+    p.add_argument("--knob", help="the setting that varies per layer: one of the method's knobs (density for svg, "
+                   "density or top_p for svg2), or threshold with --cache tileskip (default: the first of these)")
+    p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid; negative thresholds as --values=-14.4,-6)")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: 2 built-in)")
     p.add_argument("--holdout", metavar="FILE", help="held-out validation prompts, one per line (default: 2 built-in)")
     p.add_argument("--sampled-steps", type=int, default=3, help="steps observed per calibration run (default 3)")
@@ -68,8 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """Refuse bad input before any run: each error names the flag, the value, and what is allowed."""
-    from .integration import CACHES
-    from .methods import METHODS
+    from ..caches import parse_cache
+    from ..methods import METHODS
 
     if (args.target_psnr is None) == (args.target_error is None):
         raise UserError("tune: give exactly one target, --target-psnr DB or --target-error E")
@@ -78,38 +78,47 @@ def check_args(args) -> None:
     if args.target_psnr is not None and not 0 < args.target_psnr <= 100:
         raise UserError(f"--target-psnr {args.target_psnr!r}: must be in (0, 100] dB (e.g. 30)")
     if args.attention not in METHODS:
-        raise UserError(f"--attention {args.attention!r}: unknown; known: {', '.join(sorted(METHODS))}")
-    if args.cache not in CACHES:
-        raise UserError(f"--cache {args.cache!r}: unknown; known: {', '.join(CACHES)}")
+        raise UserError(f"--attention {args.attention!r}: unknown; known: {', '.join(METHODS)}")
+    try:
+        parse_cache(args.cache)
+    except ValueError as e:
+        raise UserError(f"--cache: {e}") from None
     if args.tuned:
         raise UserError(f"--tuned {args.tuned!r}: tune writes a table and does not start from one; drop --tuned")
     if args.sampled_steps < 1 or args.rounds < 1:
         raise UserError(f"--sampled-steps {args.sampled_steps} / --rounds {args.rounds}: must be positive integers")
-    args.knob = args.knob or ("threshold" if args.cache == "tileskip" else "density")
     _check_knob(args)
 
 
 def _check_knob(args) -> None:
-    knob, attention, cache = args.knob, args.attention, args.cache
-    if knob == "threshold" and cache != "tileskip":
+    """The knob: one the method (or the tile-skip cache) declares, and not also fixed by a flag."""
+    knobs = knobs_of(args.attention, args.cache)
+    if not knobs and args.knob == TILESKIP_KNOB[0]:
         raise UserError("--knob threshold: tunes the tile-skip cache; add --cache tileskip")
-    if knob != "threshold" and cache == "tileskip":
-        raise UserError(f"--knob {knob}: with --cache tileskip the knob is the threshold; drop --knob or the cache")
-    if knob == "density" and attention not in ("svg", "svg2"):
-        raise UserError(f"--attention {attention!r}: nothing to tune; use svg or svg2 (or --cache tileskip for thresholds)")
-    if knob == "top_p" and (attention != "svg2" or args.density is not None):
-        raise UserError(f"--knob top_p: needs --attention svg2 and no --density (got {attention!r}, density {args.density})")
-    if knob == "density" and args.density is not None:
-        raise UserError(f"--density {args.density}: tune chooses the density per layer; drop --density")
+    if not knobs:
+        raise UserError(f"--attention {args.attention!r}: nothing to tune; use a sparse method "
+                        f"(or --cache tileskip for thresholds)")
+    args.knob = args.knob or next(iter(knobs))
+    if args.knob == TILESKIP_KNOB[0] and args.knob not in knobs:
+        raise UserError("--knob threshold: tunes the tile-skip cache; add --cache tileskip")
+    if args.knob not in knobs:
+        where = "with --cache tileskip" if "tileskip" in args.cache else f"of --attention {args.attention}"
+        raise UserError(f"--knob {args.knob!r}: not a knob {where}; known: {', '.join(knobs)}")
+    if getattr(args, args.knob, None) is not None:
+        raise UserError(f"--{args.knob.replace('_', '-')} {getattr(args, args.knob)}: tune chooses it per layer; drop the flag")
+    if args.knob == "top_p" and args.density is not None:
+        raise UserError(f"--knob top_p: a fixed --density {args.density} would override it; drop --density")
 
 
 def knob_values(args) -> list[float]:
+    from ..settings import settings_for
+
     if args.values is None:
-        return list(DEFAULT_VALUES[args.knob])
+        return list(knobs_of(args.attention, args.cache)[args.knob])
     try:
         values = sorted({float(v) for v in args.values.split(",")})
         for v in values:
-            Params().updated(**{args.knob: v})
+            settings_for(args.attention, {args.knob: v}, args.cache)
     except ValueError as e:
         raise UserError(f"--values {args.values!r}: {e if 'must' in str(e) else 'expected numbers V1,V2,...'}") from None
     return values
@@ -117,7 +126,7 @@ def knob_values(args) -> list[float]:
 
 def out_path(args) -> Path:
     """``--out`` as a path: a bare NAME means configs/tuned/NAME.yaml of this installation."""
-    from .config import config_dir
+    from ..config import config_dir
 
     raw = args.out
     path = Path(raw)
@@ -147,8 +156,8 @@ def read_prompts(path: str | None, default: tuple[str, ...], flag: str) -> list[
 
 def dense_run_frames(pipe, cfg, on_step=None) -> np.ndarray:
     """(T, H, W, 3) uint8 frames of one run of ``pipe`` with the resolved config ``cfg``, as generate runs it."""
-    from .generate import call_pipeline
-    from .video import to_uint8
+    from ..generate import call_pipeline
+    from ..video import to_uint8
 
     return to_uint8(call_pipeline(pipe, cfg, on_step=on_step))
 
@@ -161,7 +170,7 @@ def _bar(total: int, desc: str, unit: str = "run"):
 
 def calibrate(pipe, requests: list[GenerateRequest], recorder: Recorder) -> list[np.ndarray]:
     """Dense runs of ``requests``, recorded; returns their frames (the references for PSNR)."""
-    from .generate import resolve
+    from ..generate import resolve
 
     frames = []
     cfgs = [resolve(req) for req in requests]
@@ -180,7 +189,7 @@ def generate(pipe, req: GenerateRequest, tuned: Path | None = None):
     The table is set on the resolved config, not passed as a Hydra override: configs/tuned/ is a
     directory, so Hydra reads ``tuned=...`` as a config-group choice and refuses it.
     """
-    from .generate import resolve, run_generation
+    from ..generate import resolve, run_generation
 
     cfg = resolve(req)
     if tuned is not None:
@@ -191,7 +200,7 @@ def generate(pipe, req: GenerateRequest, tuned: Path | None = None):
 def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray], desc: str,
             tuned: Path | None = None) -> float:
     """Mean PSNR against ``references`` of runs of ``requests`` (with the table at ``tuned``, if given)."""
-    from .quality import psnr
+    from ..quality import psnr
 
     values = []
     with _bar(len(requests), desc) as bar:
@@ -283,7 +292,7 @@ def tune_to_psnr(args, pipe, options, cands, cal_requests, references, out: Path
     points = []
     for i in sorted(picks):
         value = cands[i].setting[args.knob]
-        reqs = [_with_params(r, {args.knob: value}) for r in cal_requests]
+        reqs = [_with_settings(r, {args.knob: value}) for r in cal_requests]
         err = uniform_error(i)
         psnr = psnr_of(pipe, reqs, references, f"fit {args.knob}={value}")
         points.append({"setting": {args.knob: value}, "predicted_error": err, "psnr": psnr})
@@ -303,8 +312,8 @@ def tune_to_psnr(args, pipe, options, cands, cal_requests, references, out: Path
     return chosen, fit
 
 
-def _with_params(req: GenerateRequest, params: dict) -> GenerateRequest:
-    return replace(req, params={**req.params, **params})
+def _with_settings(req: GenerateRequest, settings: dict) -> GenerateRequest:
+    return replace(req, settings={**req.settings, **settings})
 
 
 # --- outputs -------------------------------------------------------------------------------------------
@@ -313,7 +322,7 @@ def _with_params(req: GenerateRequest, params: dict) -> GenerateRequest:
 def write_table(path: Path, chosen: dict[int, Option], meta: dict) -> None:
     import yaml
 
-    from .atomicfile import atomic_write
+    from ..atomicfile import atomic_write
 
     header = "# vdit-sparse tuned table, written by `vdit-sparse tune`; use: generate --tuned NAME, accelerate(pipe, tuned=...)\n"
     body = {"metadata": meta, "layers": {int(layer): dict(o.setting) for layer, o in chosen.items()}}
@@ -335,8 +344,8 @@ def _plain(x):
 
 def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, knob_value) -> dict:
     """Held-out prompts: PSNR against dense and attention time of the tuned table and of the uniform setting."""
-    from .compare import reference_request
-    from .quality import psnr
+    from ..compare import reference_request
+    from ..quality import psnr
 
     rows = []
     with _bar(3 * len(prompts), "validating") as bar:
@@ -345,7 +354,7 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
             runs = {
                 "dense": (reference_request(req, "dense"), None),
                 "tuned": (req, out),
-                "uniform": (_with_params(req, {args.knob: knob_value}), None),
+                "uniform": (_with_settings(req, {args.knob: knob_value}), None),
             }
             results = {}
             for name, (r, tuned) in runs.items():
@@ -363,7 +372,7 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
 
 
 def metadata(args, cfg, cost: CostModel, cal_prompts, steps_seen, chosen, dense_total) -> dict:
-    from .generate import versions
+    from ..generate import versions
 
     t = totals(chosen)
     m = cfg.model
@@ -402,10 +411,10 @@ def choose_table(args, pipe, options, cands, cal_requests, references, out: Path
 
 def main(argv: list[str], pipe=None) -> int:
     """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
-    from .generate import check_video_size, resolve, run_params
-    from .loading import load_pipeline, resolve_device, resolve_dtype
-    from .policy import Policy
-    from .tune_report import write_report
+    from ..generate import check_video_size, resolve, run_settings
+    from ..loading import load_pipeline, resolve_device, resolve_dtype
+    from ..policy import Policy
+    from .report import write_report
 
     t0 = time.perf_counter()
     args = parse_args(argv)
@@ -417,7 +426,7 @@ def main(argv: list[str], pipe=None) -> int:
     cost = load_cost_model(args.cost_model)
     base = request_from_args(args, cal_prompts[0])
     cfg = resolve(base)
-    params = Params().updated(**run_params(cfg))
+    params = run_settings(cfg, base)
     device = resolve_device(cfg.device)
     if pipe is None:
         pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
@@ -426,7 +435,7 @@ def main(argv: list[str], pipe=None) -> int:
 
     policy = Policy(args.attention, params, cache=args.cache)
     warmup = policy.warmup_count(cfg.model.steps)
-    every_step = args.knob == "threshold"  # tile-skip marks carry between steps: observe them all
+    every_step = args.knob == TILESKIP_KNOB[0]  # tile-skip marks carry between steps: observe them all
     steps_seen = set(range(warmup, cfg.model.steps)) if every_step else sampled_steps(cfg.model.steps, warmup, args.sampled_steps)
     if not steps_seen:
         raise UserError(f"--warmup-steps: all {cfg.model.steps} steps are warm-up (dense); nothing to tune")

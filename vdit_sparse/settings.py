@@ -1,0 +1,165 @@
+"""Typed settings: one frozen dataclass per attention method, the only home of defaults and validation.
+
+``Settings`` holds what every method shares (where it runs dense, the tile-skip cache's knobs);
+each method module subclasses it with its own fields (``SVGSettings`` in methods/svg.py, ...).
+Python (``accelerate(pipe, attention="svg", density=0.3)``), the CLI (``--density 0.3``) and Hydra
+(``attention.density=0.3``) all end in ``settings_for(method, cache, overrides)``, so one request
+gives one settings object, whichever way it came. Every field says how it is checked and what it
+means in its metadata, which the CLI help and the error messages read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fraction(name, v):
+    if not _is_number(v) or not 0 < v <= 1:
+        raise ValueError(f"{name}={v!r}: must be a number in (0, 1]")
+
+
+def optional_fraction(name, v):
+    if v is not None:
+        fraction(name, v)
+
+
+def unit_interval(name, v):
+    if not _is_number(v) or not 0 <= v <= 1:
+        raise ValueError(f"{name}={v!r}: must be a number in [0, 1]")
+
+
+def positive_int(name, v):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r}: must be a positive integer")
+
+
+def count(name, v):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name}={v!r}: must be an integer >= 0")
+
+
+def flag(name, v):
+    if not isinstance(v, bool):
+        raise ValueError(f"{name}={v!r}: must be true or false")
+
+
+def optional_positive(name, v):
+    if v is not None and (not _is_number(v) or v <= 0):
+        raise ValueError(f"{name}={v!r}: must be a positive number, or null for off")
+
+
+def warmup(name, v):
+    if not _is_number(v) or v < 0:
+        raise ValueError(f"{name}={v!r}: must be a count >= 0, or a fraction of the steps in [0, 1)")
+    if v >= 1 and not float(v).is_integer():
+        raise ValueError(f"{name}={v!r}: a value >= 1 is a count and must be whole")
+
+
+def layers(name, v):
+    ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+        isinstance(v, tuple) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+    )
+    if not ok:
+        raise ValueError(f"{name}={v!r}: must be a count >= 0 of first layers, or a list of layer indices")
+
+
+def log2_bound(name, v):
+    if not _is_number(v) or v > 0:
+        raise ValueError(f"{name}={v!r}: must be a log2-space bound <= 0 (e.g. -14.4 safe, -10, -3 fast)")
+
+
+def setting(default, check, help: str):
+    """A settings field: its default, its validator ``check(name, value)`` and a one-line help."""
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+TILESKIP_FIELDS = ("threshold", "refresh_every")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every method shares: dense warm-up, dense layers, block size, and the tile-skip knobs."""
+
+    method: ClassVar[str] = ""
+
+    warmup_steps: float = setting(0, warmup, "first steps run dense: a count, or a fraction of the steps when < 1")
+    dense_layers: int | tuple = setting(0, layers, "layers that always run dense: a count from the first, or a list")
+    block_size: int = setting(64, positive_int, "tokens per block of positional patterns (svg's band, dense tile-skip)")
+    threshold: float = setting(
+        -14.4, log2_bound,
+        "tile-skip: a tile whose largest logit is more than this many log2 units below the row maximum is skipped "
+        "at later steps (LiteAttention's unit; -14.4 = -10 in natural log)",
+    )
+    refresh_every: int = setting(5, positive_int, "tile-skip: calls of a (branch, layer) between full re-checks")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # YAML and JSON give lists; settings are hashable
+                object.__setattr__(self, f.name, value := tuple(value))
+            f.metadata["check"](f.name, value)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def own_names(cls) -> list[str]:
+        """The settings this method adds to the shared ones."""
+        shared = set(Settings.names())
+        return [n for n in cls.names() if n not in shared]
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    def updated(self, **overrides: Any) -> "Settings":
+        """A copy with ``overrides``; a name this method does not have is an error naming the ones it has."""
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: not a setting of attention={self.method!r}; "
+                f"its settings are {', '.join(self.names())}"
+            )
+        return replace(self, **{k: _plain(v) for k, v in overrides.items()})
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the method's defaults (what a report needs to name)."""
+        defaults = type(self)()
+        return {k: v for k, v in asdict(self).items() if getattr(defaults, k) != v}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _plain(v):
+    """OmegaConf containers and lists as tuples; everything else as given."""
+    if type(v).__name__ == "ListConfig" or isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def settings_for(method: str, overrides: dict | None = None, cache: str = "none") -> Settings:
+    """The settings of ``method`` with ``overrides`` (canonical names), checked against the method and the cache.
+
+    The tile-skip knobs are an error unless ``cache`` includes tileskip: they would change nothing.
+    """
+    from .methods import get_method
+
+    overrides = dict(overrides or {})
+    settings_cls = get_method(method).Settings
+    if "tileskip" not in cache.split("+"):
+        stray = [k for k in TILESKIP_FIELDS if k in overrides]
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: a tile-skip setting, used only with cache='tileskip' (cache is {cache!r})")
+    return settings_cls().updated(**overrides)
