@@ -15,6 +15,8 @@ from .processor import Adapter, HandleProcessor
 class CogVideoXJointAttnProcessor(HandleProcessor):
     """Replaces ``CogVideoXAttnProcessor2_0`` on ``attn1``; hands q, k, v to the accelerate handle."""
 
+    text_position = "before"
+
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
@@ -38,13 +40,14 @@ class CogVideoXJointAttnProcessor(HandleProcessor):
                 k[:, :, text:] = apply_rotary_emb(k[:, :, text:], image_rotary_emb)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, H, D) views
         # a caller's mask is not something a block plan can express: the stock call, recorded
-        out = self.attention(q, k, v, attention_mask, dense=attention_mask is not None)  # (B, N, H, D)
+        out = self.attention(q, k, v, attention_mask, dense=attention_mask is not None, text=text)  # (B, N, H, D)
         out = out.reshape(B, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
         text_out, video_out = out.split([text, N - text], dim=1)
         return video_out, text_out
 
-    def dense(self, attention_mask=None):
+    def dense(self, attention_mask=None, parallel: bool = True):
+        # never called on a shard: under Ulysses CogVideoX's calls always carry text, so they are exchanged first
         def dense_fn(q, k, v):  # (B, N, H, D) in and out; the stock processor calls SDPA itself, bit for bit
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask, dropout_p=0.0,
@@ -64,3 +67,16 @@ class CogVideoXAdapter(Adapter):
     forward_args = ("hidden_states", "encoder_hidden_states")
     text = "before"
     processor = CogVideoXJointAttnProcessor
+
+    @classmethod
+    def context_parallel_plan(cls) -> dict:
+        """diffusers 0.42 gives CogVideoX no ``_cp_plan`` (and its stock processor ignores one): split the
+        video entering the first block and the rotary embedding, keep the text whole, gather at the end."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        rotary = ContextParallelInput(split_dim=0, expected_dims=2)  # (V, D) cos and sin
+        return {
+            "": {"image_rotary_emb": [rotary, rotary]},
+            "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},  # (B, V, C)
+            "norm_final": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }

@@ -64,10 +64,12 @@ def real_text_lengths(attention_mask, text: int) -> list[int] | None:
 class HunyuanJointAttnProcessor(HandleProcessor):
     """Replaces ``HunyuanVideoAttnProcessor2_0`` on a joint-attention module; hands q, k, v to the accelerate handle."""
 
+    text_position = "after"
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)  # (B, V + T, H, D)
         text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        out = self._padded_attention(q, k, v, attention_mask, text)  # (B, V + T, H, D)
+        out = self.attention(q, k, v, attention_mask, text=text)  # (B, V + T, H, D)
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out, None
@@ -78,17 +80,23 @@ class HunyuanJointAttnProcessor(HandleProcessor):
             text_out = attn.to_add_out(text_out)
         return video, text_out
 
+    def whole_sequence_mask(self, attention_mask, exchange):
+        # the key mask (B, 1, 1, V + T) is True on every video token; its text part is whole on every rank
+        if attention_mask is None:
+            return None
+        video = attention_mask.new_ones(*attention_mask.shape[:-1], exchange.video_tokens)
+        return torch.cat([video, attention_mask[..., attention_mask.shape[-1] - exchange.text:]], -1)
+
     # under torch.compile, the one graph break of this call: reading the padding is data-dependent
     @torch.compiler.disable
-    def _padded_attention(self, q, k, v, attention_mask, text: int) -> torch.Tensor:
+    def handle_call(self, q, k, v, attention_mask, dense, dense_fn, text=0, heads=None):
         lengths = real_text_lengths(attention_mask, text)
         if lengths is None:
-            return self.attention(q, k, v, attention_mask)
+            return self.attend(self.layer, q, k, v, dense_fn, dense=dense, heads=heads)
         if len(set(lengths)) > 1:
             # prompts padded to different lengths in one batch: one layout cannot describe them, and a
             # plan over the padded sequence would let padding keys take attention; stay exact
-            return self.attention(q, k, v, attention_mask, dense=True)
-        dense_fn = self.dense(attention_mask)
+            return self.attend(self.layer, q, k, v, dense_fn, dense=True, heads=heads)
         n = q.shape[1] - text + lengths[0]  # video + real text
         pad_q, pad_k, pad_v = q[:, n:], k[:, n:], v[:, n:]
         padding_rows = {}
@@ -98,7 +106,7 @@ class HunyuanJointAttnProcessor(HandleProcessor):
             padding_rows["out"] = out[:, n:]
             return out[:, :n]
 
-        out = self.attend(self.layer, q[:, :n], k[:, :n], v[:, :n], dense_real)  # (B, n, H, D)
+        out = self.attend(self.layer, q[:, :n], k[:, :n], v[:, :n], dense_real, dense=dense, heads=heads)  # (B, n, H, D)
         rows = padding_rows.get("out")
         if rows is None:  # padding queries attend every real key, as in the masked dense call
             rows = dense_fn(pad_q, k, v)
@@ -113,6 +121,19 @@ class HunyuanVideoAdapter(Adapter):
     forward_args = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
     text = "after"
     processor = HunyuanJointAttnProcessor
+
+    @classmethod
+    def context_parallel_plan(cls) -> dict:
+        """diffusers 0.42 gives HunyuanVideo no ``_cp_plan``: split the patched video and its rotary
+        embedding, keep the text whole (its padding mask is built from local lengths), gather at the end."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)  # (V, D) cos and sin
+        return {
+            "x_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},  # (B, V, C)
+            "rope": {0: rotary, 1: rotary},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
 
     @classmethod
     def text_tokens(cls, given: dict) -> int:

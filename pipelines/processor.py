@@ -13,6 +13,8 @@ import torch
 
 from vdit_sparse.layout import VideoLayout
 
+from .ulysses import SequenceExchange, check_supported, context_parallel
+
 
 class HandleProcessor:
     """Base of the processors installed by ``accelerate``; subclasses compute q, k, v the stock way
@@ -21,6 +23,7 @@ class HandleProcessor:
     # diffusers' set_attention_backend / enable_parallelism set these on processors
     _attention_backend = None
     _parallel_config = None
+    text_position = "none"  # where this processor puts joint-attention text in q, k, v: none, before, after
 
     def __init__(self, attend, layer: int, original):
         self.attend = attend
@@ -29,21 +32,50 @@ class HandleProcessor:
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
-    def dense(self, attention_mask=None):
-        """The stock dense call, (B, N, H, D) in and out: diffusers' dispatcher with the module's backend."""
+    def dense(self, attention_mask=None, parallel: bool = True):
+        """The stock dense call, (B, N, H, D) in and out: diffusers' dispatcher with the module's backend
+        (and its context parallelism, unless ``parallel`` is False: q, k, v already hold the whole sequence)."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         def dense_fn(q, k, v):
             return dispatch_attention_fn(
                 q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
+                backend=self._attention_backend, parallel_config=self._parallel_config if parallel else None,
             )
 
         return dense_fn
 
-    def attention(self, q, k, v, attention_mask=None, dense: bool = False):
-        """(B, N, H, D): the handle's attention of q, k, v; ``dense`` asks for the stock call (recorded)."""
-        return self.attend(self.layer, q, k, v, self.dense(attention_mask), dense=dense)
+    def attention(self, q, k, v, attention_mask=None, dense: bool = False, text: int = 0):
+        """(B, N, H, D): the handle's attention of q, k, v; ``dense`` asks for the stock call (recorded).
+
+        ``text``: joint-attention tokens at ``text_position``. Under Ulysses context parallelism q, k, v
+        hold this rank's shard of the video (and all of the text): the call is exchanged to the whole
+        sequence of this rank's heads and back (pipelines/ulysses.py), except a dense call without text,
+        which stays diffusers' own: its dispatcher does the same exchange.
+        """
+        cp = context_parallel(self._parallel_config)
+        if cp is None or (text == 0 and not self.attend.needs_full_sequence(self.layer)):
+            return self.handle_call(q, k, v, attention_mask, dense, self.dense(attention_mask), text)
+        check_supported(cp, q.shape[2])
+        exchange = SequenceExchange(cp, q.shape, text, self.text_position)
+        q, k, v = (exchange.to_heads(t) for t in (q, k, v))  # (B, N_all, H_local, D)
+        mask = self.whole_sequence_mask(attention_mask, exchange)
+        out = self.handle_call(q, k, v, mask, dense, self.dense(mask, parallel=False), text, exchange.head_range)
+        return exchange.to_sequence(out)  # (B, N_local, H, D)
+
+    def handle_call(self, q, k, v, attention_mask, dense: bool, dense_fn, text: int = 0, heads=None):
+        """One call of the handle on q, k, v as they are; families that cut padding off override it.
+        ``heads``: (first, total) of this rank's heads under Ulysses, else None."""
+        return self.attend(self.layer, q, k, v, dense_fn, dense=dense, heads=heads)
+
+    def whole_sequence_mask(self, attention_mask, exchange):
+        """This rank's key mask extended to the whole sequence; families with a mask of their own override it."""
+        if attention_mask is not None:
+            raise ValueError(
+                f"attention_mask: {type(self).__name__} takes no caller's mask under Ulysses context parallelism; "
+                "run without the mask or on one device"
+            )
+        return None
 
 
 class Adapter:
@@ -74,6 +106,16 @@ class Adapter:
     def self_attention(cls, transformer) -> list[tuple[int, torch.nn.Module]]:
         blocks = itertools.chain.from_iterable(getattr(transformer, name) for name in cls.blocks)
         return [(i, getattr(block, cls.attention)) for i, block in enumerate(blocks)]
+
+    @classmethod
+    def context_parallel_plan(cls) -> dict | None:
+        """The ``cp_plan`` for diffusers' ``enable_parallelism``: None keeps the model's own ``_cp_plan``.
+
+        A plan of ours splits the video tokens only (joint text stays whole on every rank, see
+        pipelines/ulysses.py) and never the transformer's ``hidden_states`` argument, so the step hook
+        reads the whole video's layout there, whichever hook runs first.
+        """
+        return None
 
     @staticmethod
     def patch(config) -> tuple[int, int, int]:

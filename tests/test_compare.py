@@ -1,7 +1,6 @@
 """`vdit-sparse compare` with a fake generator: same seeds, cached dense runs, resume, sweeps, bad input."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ class FakeGenerator:
     def __init__(self, fail_after: int | None = None):
         self.calls = []
         self.fail_after = fail_after
+        self.dense_wall = None  # set: dense runs take this long
 
     def __call__(self, req):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
@@ -38,6 +38,9 @@ class FakeGenerator:
         clean = _frames(req.seed)
         if req.attention == "dense":
             density, frames = 1.0, clean
+            if self.dense_wall is not None:
+                return GenerationResult(frames=(frames * 255 + 0.5).astype(np.uint8), frames_float=frames,
+                                        wall_s=self.dense_wall, attention_ms=1.0, density=1.0, stats=[], config={"seed": req.seed})
         else:
             density = float(req.settings.get("density", 0.5))
             noise = np.random.default_rng(req.seed).normal(0, 0.1 * (1 - density), clean.shape)
@@ -88,12 +91,23 @@ def test_one_prompt_writes_the_contract_with_numbers_from_the_same_seed(dirs):
     assert (dirs[0] / "report.md").is_file()
 
 
-def test_a_second_comparison_reuses_the_cached_dense_runs(dirs, tmp_path):
-    first, second = FakeGenerator(), FakeGenerator()
+def test_a_second_comparison_reuses_the_cached_dense_video_but_times_dense_again(dirs, tmp_path):
+    first, second, third = FakeGenerator(), FakeGenerator(), FakeGenerator()
     _run(["a red square", "--attention", "svg2"], dirs, first)
+    cached = {p: p.stat().st_mtime_ns for p in dirs[1].rglob("*") if p.is_file()}
+    second.dense_wall = 10 * DENSE_WALL  # the machine got busy: only a fresh dense timing can say so
     _run(["a red square", "--attention", "svg", "--density", "0.3"], (tmp_path / "other", dirs[1]), second)
     assert [r.attention for r in first.calls] == ["dense", "svg2"]
-    assert [r.attention for r in second.calls] == ["svg"]  # the dense video came from the cache
+    assert [r.attention for r in second.calls] == ["dense", "svg"]  # timed again, just before the svg run
+    assert {p: p.stat().st_mtime_ns for p in dirs[1].rglob("*") if p.is_file()} == cached  # the video is reused
+    entry = json.loads((tmp_path / "other" / "metrics.json").read_text())["prompts"][0]
+    assert entry["speedup"] == pytest.approx(10 * DENSE_WALL / (DENSE_WALL * (0.25 + 0.75 * 0.3)))
+    _run(["a red square", "--attention", "svg", "--density", "0.4", "--no-timing"], (tmp_path / "third", dirs[1]), third)
+    assert [r.attention for r in third.calls] == ["svg"]
+    m = json.loads((tmp_path / "third" / "metrics.json").read_text())
+    assert m["prompts"][0]["speedup"] is None and m["mean"]["speedup"] is None  # not measured, never a guess
+    html = (tmp_path / "third" / "report.html").read_text()
+    assert "<tr><td>a red square</td><td>—</td>" in html and "not measured" in html
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
@@ -104,7 +118,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
     assert leftovers == []  # no half-written run
     resumed = FakeGenerator()
     _run(argv, dirs, resumed)
-    assert [r.settings["density"] for r in resumed.calls] == [0.2, 0.4]
+    assert [r.settings.get("density") for r in resumed.calls] == [None, 0.2, None, 0.4]  # dense timed before each
     m = _metrics(dirs)
     assert len(m["prompts"]) == 3 and [s["setting"] for s in m["sweep"]] == [{"density": d} for d in (0.1, 0.2, 0.4)]
     psnrs = [s["mean"]["psnr"] for s in m["sweep"]]
@@ -126,12 +140,19 @@ def test_prompts_file_gives_one_entry_per_prompt_and_their_mean(dirs, tmp_path):
     assert m["mean"]["ssim"] == pytest.approx(np.mean([e["ssim"] for e in m["prompts"]]))
 
 
-def test_dense_against_dense_is_identical_and_runs_once(dirs):
+def test_dense_against_dense_is_identical_in_strict_json(dirs):
     gen = FakeGenerator()
     _run(["a red square", "--attention", "dense"], dirs, gen)
-    assert len(gen.calls) == 1
+    assert len(gen.calls) == 2  # the reference and the timed run
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    for path in [dirs[0] / "metrics.json", *(dirs[0] / "pairs").iterdir()]:
+        json.loads(path.read_text(), parse_constant=refuse)
     m = _metrics(dirs)
-    assert m["prompts"][0]["psnr"] == math.inf and m["prompts"][0]["ssim"] == pytest.approx(1.0, abs=1e-6)
+    entry = m["prompts"][0]
+    assert entry["psnr"] is None and entry["identical"] is True and entry["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert m["mean"]["psnr"] is None and m["mean"]["identical"] is True
+    assert "identical" in (dirs[0] / "report.html").read_text()
 
 
 @pytest.mark.parametrize(

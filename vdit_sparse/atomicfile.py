@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,10 +37,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def finite(obj):
+    """``obj`` with every non-finite float (inf, nan) as None, recursively: strict JSON has no Infinity.
+
+    Writers that mean something by an infinite value say it in a key of their own (``"identical": true``
+    beside a null PSNR)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return finite(obj.item())
+    return obj
+
+
 def metrics_json(obj) -> str:
-    """``json.dumps(obj, indent=2)``: an infinite PSNR is written as ``Infinity``, which Python's json reads back;
-    values JSON has no type for (paths, dtypes) are written as their text."""
-    return json.dumps(obj, indent=2, default=str) + "\n"
+    """Strict JSON (no NaN or Infinity: see :func:`finite`), indented; values JSON has no type for (paths,
+    dtypes) are written as their text."""
+    return json.dumps(finite(obj), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:

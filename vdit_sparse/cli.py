@@ -19,6 +19,7 @@ def _generate(args) -> int:
     out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
     check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
     result = run_generation(req)
+    result.config.update(out=str(out), overwrite=bool(args.overwrite))
     write_video(out, result.frames, fps=int(result.config["model"]["fps"]))
     atomic_write_json(sidecar_path(out), sidecar(result))
     print(f"wrote {out} ({result.frames.shape[0]} frames, {result.wall_s:.1f} s, density {result.density:.3f}) "

@@ -6,14 +6,22 @@ them with :func:`vdit_sparse.quality.compare_videos`, and writes ``DIR/metrics.j
 ``DIR/report.md`` and ``DIR/report.html``.
 
 Every finished run is stored at once, whole or not at all: reference runs in a cache
-shared between comparisons (keyed by ``GenerateRequest.key()``: model, prompt, seed and
-settings), accelerated runs under ``DIR/runs``. So a second comparison against the same
-dense videos does not regenerate them, and an interrupted comparison resumes where it stopped.
+shared between comparisons (keyed by the request, the model's files and the package version),
+accelerated runs under ``DIR/runs``. So a second comparison against the same dense videos does
+not regenerate them, and an interrupted comparison resumes where it stopped.
+
+Speed-ups are honest: a cached dense *video* may be reused, its *timing* never is. Before each
+accelerated run that this process makes, the reference is run again (or for the first time) and
+timed, so every speed-up is the ratio of two timings taken one after the other in the same process.
+An accelerated run stored by an earlier process keeps the reference timing taken beside it then;
+with ``--no-timing`` (no fresh reference runs) the speed-up is null: not measured.
+One comparison writes a report directory at a time: a second one is refused (a lock file).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -24,14 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomicfile import metrics_json
 from .errors import UserError
 from .generate import (
     OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, request_from_args,
 )
 
+SESSION = os.urandom(8).hex()  # this process: timings of one session may be divided by each other
 HELP = "compare accelerated videos with dense ones from the same seeds; write metrics.json and report.html"
 SWEEP_FIELDS = ("attention", "cache")  # request fields a sweep may vary; all other keys are setting names
-OWN_ENTRIES = ("comparison.json", "metrics.json", "report.md", "report.html", "runs", "pairs")
+OWN_ENTRIES = ("comparison.json", "metrics.json", "report.md", "report.html", "runs", "pairs")  # .lock stays
 STAT_KEYS = ("step", "layer", "branch", "model", "method", "density", "ms")  # what a stored run keeps per call
 MEAN_SCALARS = (
     "speedup", "psnr", "ssim", "lpips", "density", "attention_speedup", "psnr_float", "ssim_float",
@@ -50,6 +60,14 @@ class Pair:
     setting: tuple  # ((key, value), ...) of the sweep; () without one
     label: str
 
+    @property
+    def ref_key(self) -> str:
+        return reference_key(self.reference)
+
+    @property
+    def acc_key(self) -> str:
+        return self.accelerated.key()
+
 
 # --- arguments ---------------------------------------------------------------------------------------
 
@@ -67,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as null)")
     p.add_argument("--fps", type=float, help="frame rate of the side-by-side video (default: the model's)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step run before each setting's first run")
+    p.add_argument("--no-timing", action="store_true",
+                   help="reuse cached reference videos without timing them again: faster, but the speed-up is not measured (null)")
     add_generation_args(p)
     return p
 
@@ -89,7 +109,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     path = Path(args.prompts)
     if not path.is_file():
         raise UserError(f"--prompts {str(path)!r}: no such file; expected a text file with one prompt per line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts {str(path)!r}: not UTF-8 text (byte {e.start}); expected one prompt per line") from None
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise UserError(f"--prompts {str(path)!r}: holds no prompt; expected one prompt per line")
@@ -158,6 +181,14 @@ def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateReques
     return req
 
 
+def check_requests(pairs: list[Pair]) -> None:
+    """Every run's config checked (model keys, tuned table, dense backend) before the first run starts."""
+    from .generate import check_run, resolve
+
+    for req in {r.key(): r for p in pairs for r in (p.reference, p.accelerated)}.values():
+        check_run(resolve(req), req)
+
+
 def plan_pairs(args: argparse.Namespace) -> list[Pair]:
     prompts = read_prompts(args)
     settings = parse_sweep(args.sweep) if args.sweep else [()]
@@ -169,6 +200,7 @@ def plan_pairs(args: argparse.Namespace) -> list[Pair]:
             tag = ",".join(f"{k}={v}" for k, v in setting)
             label = f"{prompt} [{tag}]" if tag else prompt
             pairs.append(Pair(prompt, reference, accelerated_request(base, setting), setting, label))
+    check_requests(pairs)
     return pairs
 
 
@@ -189,7 +221,8 @@ class RunStore:
     def has(self, key: str) -> bool:
         return (self.root / key / "result.json").is_file()
 
-    def save(self, key: str, req: GenerateRequest, result) -> None:
+    def save(self, key: str, req: GenerateRequest, result, timing_reference: dict | None = None) -> None:
+        """Store a run; ``timing_reference``: the reference timed just before it in this process (accelerated runs)."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}."))
         try:
@@ -199,9 +232,9 @@ class RunStore:
                 "request": _request_json(req), "wall_s": float(result.wall_s), "attention_ms": float(result.attention_ms),
                 "density": None if result.density is None else float(result.density),
                 "stats": [{k: r[k] for k in STAT_KEYS if k in r} for r in result.stats],
-                "config": result.config,
+                "config": result.config, "session": SESSION, "timing_reference": timing_reference,
             }
-            (tmp / "result.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
+            (tmp / "result.json").write_text(metrics_json(meta), encoding="utf-8")
             try:
                 os.rename(tmp, self.root / key)
             except OSError:  # stored meanwhile by another comparison: theirs is as good
@@ -214,16 +247,29 @@ class RunStore:
         """The stored run; frames are memory-mapped, so a report over many runs stays small in RAM."""
         d = self.root / key
         meta = json.loads((d / "result.json").read_text(encoding="utf-8"))
-        return GenerationResult(
+        result = GenerationResult(
             frames=np.load(d / "frames.npy", mmap_mode="r"),
             frames_float=np.load(d / "frames_float.npy", mmap_mode="r"),
             wall_s=meta["wall_s"], attention_ms=meta["attention_ms"], density=meta["density"],
             stats=meta["stats"], config=meta["config"],
         )
+        result.timing_reference = meta.get("timing_reference")
+        return result
 
 
 def _request_json(req: GenerateRequest) -> dict:
     return json.loads(json.dumps(req.__dict__, default=str))
+
+
+def reference_key(req: GenerateRequest) -> str:
+    """The cache key of a reference run: the request, the model's files and this package's version."""
+    import hashlib
+
+    from . import __version__
+    from .loading import model_fingerprint
+
+    blob = json.dumps([req.key(), model_fingerprint(req.model), __version__])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -269,7 +315,7 @@ def identity(pairs: list[Pair], against: str) -> dict:
     return {
         "against": against,
         "pairs": [
-            {"prompt": p.prompt, "reference": p.reference.key(), "accelerated": p.accelerated.key(),
+            {"prompt": p.prompt, "reference": p.ref_key, "accelerated": p.acc_key,
              "setting": [[k, v] for k, v in p.setting]}
             for p in pairs
         ],
@@ -292,7 +338,7 @@ def claim_report_dir(report: Path, ident: dict, overwrite: bool) -> None:
                 f"--report {str(report)!r}: holds a different comparison (other prompts, seeds or settings); "
                 "pass --overwrite to replace it, or choose another directory"
             )
-    elif report.is_dir() and any(report.iterdir()) and not overwrite:
+    elif report.is_dir() and any(p.name != ".lock" for p in report.iterdir()) and not overwrite:
         raise UserError(
             f"--report {str(report)!r}: is not empty and holds no comparison; "
             "choose a new or empty directory, or pass --overwrite"
@@ -320,17 +366,25 @@ def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: boo
     q = compare_videos(
         ref.frames, acc.frames, a_float=ref.frames_float, b_float=acc.frames_float, prompt=pair.prompt, lpips=lpips
     )
+    timed = getattr(acc, "timing_reference", None) or {}  # the reference, timed just before acc in the same process
     entry = {
         "prompt": pair.prompt, "label": pair.label, "setting": dict(pair.setting), "seed": pair.accelerated.seed,
-        "speedup": _ratio(ref.wall_s, acc.wall_s), "psnr": q.pop("psnr"), "ssim": q.pop("ssim"), "lpips": q.pop("lpips"),
-        "density": acc.density,
-        "attention_speedup": _ratio(ref.attention_ms, acc.attention_ms),
-        "wall_s": acc.wall_s, "reference_wall_s": ref.wall_s, "device": (acc.config or {}).get("device"),
-        "attention_ms": acc.attention_ms, "reference_attention_ms": ref.attention_ms,
+        "speedup": _ratio(timed.get("wall_s"), acc.wall_s), "psnr": q.pop("psnr"), "ssim": q.pop("ssim"),
+        "lpips": q.pop("lpips"), "density": acc.density, "identical": q.pop("identical"),
+        "attention_speedup": _ratio(timed.get("attention_ms"), acc.attention_ms),
+        "wall_s": acc.wall_s, "reference_wall_s": timed.get("wall_s"), "device": (acc.config or {}).get("device"),
+        "attention_ms": acc.attention_ms, "reference_attention_ms": timed.get("attention_ms"),
+        "requested_density": _requested_density(pair.accelerated, acc),
     }
     entry.update(q)
-    entry.update({"run": pair.accelerated.key(), "reference_run": pair.reference.key()})
+    entry.update({"run": pair.acc_key, "reference_run": pair.ref_key})
     return entry
+
+
+def _requested_density(req: GenerateRequest, acc: GenerationResult):
+    """The density the run asked for (its settings, defaults included), or None when it asks for none."""
+    settings = (acc.config or {}).get("settings") or {}
+    return req.settings.get("density", settings.get("density"))
 
 
 def _mean(values: list):
@@ -343,6 +397,12 @@ def _is_score(v) -> bool:
     return isinstance(v, (bool, float))
 
 
+def _mean_psnr(entries: list[dict], key: str):
+    """Mean PSNR over the entries whose videos differ; None when every video is identical to its reference."""
+    values = [e.get(key) for e in entries if not e.get("identical")]
+    return _mean(values) if values else None
+
+
 def mean_entry(entries: list[dict]) -> dict:
     """Mean over entries of every scalar (None if any entry lacks it) and of every dict value.
 
@@ -351,6 +411,8 @@ def mean_entry(entries: list[dict]) -> dict:
     labels (a detected colour, a detected count) are not averaged.
     """
     out = {key: _mean([e.get(key) for e in entries]) for key in MEAN_SCALARS}
+    out["psnr"], out["psnr_float"] = _mean_psnr(entries, "psnr"), _mean_psnr(entries, "psnr_float")
+    out["identical"] = all(e.get("identical") for e in entries) if entries else None
     for key in MEAN_DICTS:
         dicts = [e[key] for e in entries if e.get(key)]
         names = dict.fromkeys(n for d in dicts for n in d if _is_score(d[n]))
@@ -384,25 +446,43 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", disable=total == 0)
 
 
-def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn) -> None:
-    """Generate every run not stored yet (references first), storing each as it finishes."""
-    todo: dict[str, tuple[RunStore, GenerateRequest]] = {}
-    for p in pairs:
-        todo.setdefault(p.reference.key(), (cache, p.reference))
-    for p in pairs:
-        key = p.accelerated.key()
-        if key not in todo and not cache.has(key):
-            todo[key] = (runs, p.accelerated)
-    todo = {k: v for k, v in todo.items() if not v[0].has(k)}
-    with _progress(len(todo), "runs") as bar:
-        for key, (store, req) in todo.items():
-            bar.set_postfix_str(f"{req.attention} {req.prompt[:30]}")
-            store.save(key, req, generate_fn(req))
+def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn, timing: bool = True) -> None:
+    """Make every run not stored yet, storing each as it finishes.
+
+    Before each accelerated run made here, its reference runs in this process (for the first time, to fill
+    the cache, or again with ``timing``), so the two timings of a speed-up are taken one after the other.
+    """
+    todo = list({p.acc_key: p for p in pairs if not runs.has(p.acc_key)}.values())
+    with _progress(_run_count(pairs, todo, cache, timing), "runs") as bar:
+        for p in pairs:
+            reference = None
+            if not cache.has(p.ref_key):
+                bar.set_postfix_str(f"{p.reference.attention} {p.prompt[:30]}")
+                reference = generate_fn(p.reference)
+                cache.save(p.ref_key, p.reference, reference)
+                bar.update()
+            if p not in todo:
+                continue
+            todo.remove(p)
+            if reference is None and timing:  # a cached video: time the reference again, now
+                bar.set_postfix_str(f"{p.reference.attention} (timing) {p.prompt[:30]}")
+                reference = generate_fn(p.reference)
+                bar.update()
+            bar.set_postfix_str(f"{p.accelerated.attention} {p.prompt[:30]}")
+            accelerated = generate_fn(p.accelerated)
+            timed = None if reference is None else {"wall_s": reference.wall_s, "attention_ms": reference.attention_ms}
+            runs.save(p.acc_key, p.accelerated, accelerated, timing_reference=timed)
             bar.update()
 
 
-def _load(key: str, cache: RunStore, runs: RunStore) -> GenerationResult:
-    return cache.load(key) if cache.has(key) else runs.load(key)
+def _run_count(pairs: list[Pair], todo: list[Pair], cache: RunStore, timing: bool) -> int:
+    """How many runs run_all makes: new references, accelerated runs, and references timed again."""
+    count, fresh = 0, set()
+    for p in pairs:
+        just_made = p.ref_key not in fresh and not cache.has(p.ref_key)
+        fresh.add(p.ref_key)
+        count += just_made + (p in todo) * (1 + (timing and not just_made))
+    return count
 
 
 def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore, lpips: bool) -> list[dict]:
@@ -412,12 +492,11 @@ def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore
     entries = []
     with _progress(len(pairs), "measuring") as bar:
         for p in pairs:
-            path = report / "pairs" / f"{p.reference.key()}-{p.accelerated.key()}-{'lpips' if lpips else 'nolpips'}.json"
+            path = report / "pairs" / f"{p.ref_key}-{p.acc_key}-{'lpips' if lpips else 'nolpips'}.json"
             if path.is_file():
                 entry = json.loads(path.read_text(encoding="utf-8"))
             else:
-                ref, acc = _load(p.reference.key(), cache, runs), _load(p.accelerated.key(), cache, runs)
-                entry = measure(p, ref, acc, lpips)
+                entry = measure(p, cache.load(p.ref_key), runs.load(p.acc_key), lpips)
                 atomic_write_json(path, entry)
             entries.append(entry)
             bar.update()
@@ -426,31 +505,101 @@ def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore
 
 def main(argv: list[str], generate_fn=None) -> int:
     """Run ``vdit-sparse compare``; ``generate_fn(req) -> GenerationResult`` replaces the pipeline (tests)."""
-    from .quality.report import ReportEntry, write_report
-
     args = parse_args(argv)
     pairs = plan_pairs(args)
     report = Path(args.report)
-    claim_report_dir(report, identity(pairs, args.against), args.overwrite)
+    with report_lock(report):
+        claim_report_dir(report, identity(pairs, args.against), args.overwrite)
+        return _compare(args, pairs, report, generate_fn)
+
+
+def _compare(args, pairs: list[Pair], report: Path, generate_fn) -> int:
+    from .quality.report import ReportEntry, write_report
+
     cache = RunStore(args.dense_cache or default_cache_dir())
     runs = RunStore(report / "runs")
-    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(warmup=not args.no_warmup))
+    load_before = machine_load()
+    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(warmup=not args.no_warmup), timing=not args.no_timing)
     entries = measure_all(pairs, report, cache, runs, lpips=not args.no_lpips)
     metrics = summarize(pairs, entries, swept=bool(args.sweep))
+    metrics["machine"] = {"load_before": load_before, "load_after": machine_load(), "cpus": os.cpu_count(),
+                          "device": entries[0].get("device") if entries else None}
+    metrics["warnings"] = density_warnings(entries, metrics.get("sweep"))
     shown = []
     for p, e in zip(pairs, entries):
-        ref, acc = _load(p.reference.key(), cache, runs), _load(p.accelerated.key(), cache, runs)
+        ref, acc = cache.load(p.ref_key), runs.load(p.acc_key)
         fps = args.fps or _model_fps(acc.config)
         shown.append(ReportEntry(e, ref.frames, acc.frames, acc.stats, fps=fps))
     methods = ", ".join(dict.fromkeys(p.accelerated.attention for p in pairs))
     title = f"vdit-sparse: {methods} against {args.against}"
     paths = write_report(report, metrics, shown, title=title)
     m = metrics["mean"]
+    psnr = "identical" if m.get("identical") else f"{_fmt(m['psnr'])} dB"
     print(
-        f"mean over {len(entries)} run(s): speedup {_fmt(m['speedup'])}x, PSNR {_fmt(m['psnr'])} dB, "
+        f"mean over {len(entries)} run(s): speedup {_fmt(m['speedup'])}x, PSNR {psnr}, "
         f"SSIM {_fmt(m['ssim'])}, LPIPS {_fmt(m['lpips'])}, density {_fmt(m['density'])}\nreport: {paths['html']}"
     )
+    for warning in metrics["warnings"]:
+        print(f"warning: {warning}")
     return 0
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (None where the platform has none): speed-ups mean little on a busy machine."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+DENSITY_GAP = 0.1  # realised density this far from the requested one deserves a word
+
+
+def density_warnings(entries: list[dict], sweep: list[dict] | None) -> list[str]:
+    """What a reader of the numbers should know: densities that did not come out as asked, sweep points that
+    realised the same density (too small a token grid for the blocks), and what a CPU speed-up means."""
+    out = []
+    for e in entries:
+        want, got = e.get("requested_density"), e.get("density")
+        if want is not None and got is not None and abs(want - got) > DENSITY_GAP:
+            out.append(f"{e['label']}: density {want} requested, {got:.3f} realised (the token grid is too small for "
+                       "that budget at this block size, or warm-up and dense layers add to it)")
+    realised: dict = {}
+    for point in sweep or []:
+        d = point["mean"].get("density")
+        if d is not None:
+            realised.setdefault(round(d, 3), []).append(point["label"])
+    out += [f"sweep points {', '.join(labels)} realise the same density {d}: they are one setting here"
+            for d, labels in realised.items() if len(labels) > 1]
+    if any(e.get("device") == "cpu" and e.get("speedup") is not None for e in entries):
+        out.append("speed-ups measured on a CPU: sparse attention runs through PyTorch paths there and is slower than "
+                   "dense; the speed-up is a GPU matter (BENCHMARKS.md)")
+    return out
+
+
+@contextlib.contextmanager
+def report_lock(report: Path):
+    """Hold ``report``/.lock while this comparison writes the directory; a second writer is refused at once."""
+    if report.exists() and not report.is_dir():
+        raise UserError(f"--report {str(report)!r}: is a file; expected a directory (new, or one this comparison wrote)")
+    try:
+        report.mkdir(parents=True, exist_ok=True)
+        handle = open(report / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"--report {str(report)!r}: cannot be written ({e.strerror}); choose a directory you can write") from None
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock, as before
+            pass
+        except OSError:
+            raise UserError(f"--report {str(report)!r}: another comparison is writing it now; wait for it, "
+                            "or choose another directory") from None
+        yield
+    finally:
+        handle.close()
 
 
 def _model_fps(config: dict) -> float:

@@ -12,11 +12,38 @@ def config_dir() -> Path:
     """configs/ of this installation: the package data, or the checkout for an editable install."""
     import vdit_sparse.configs as pkg
 
+    if getattr(pkg, "__file__", None) is None:  # a namespace package: some other vdit_sparse/configs/ came first
+        where = ", ".join(str(p) for p in getattr(pkg, "__path__", []))
+        raise UserError(f"vdit_sparse.configs resolves to {where}, a directory without the package's files (left "
+                        "behind by an older install?); remove it, or reinstall vdit-sparse")
     return Path(pkg.__file__).resolve().parent
+
+
+def user_config_dir() -> Path:
+    """Where the user's own files go (tuned tables): $VDIT_SPARSE_HOME, else the platform's user config folder."""
+    import os
+    import sys
+
+    if os.environ.get("VDIT_SPARSE_HOME"):
+        return Path(os.environ["VDIT_SPARSE_HOME"]).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming") / "vdit-sparse"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "vdit-sparse"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "vdit-sparse"
+
+
+def user_tuned_dir() -> Path:
+    return user_config_dir() / "tuned"
 
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def tuned_names() -> list[str]:
+    """Tables ``--tuned NAME`` finds: the user's, then the shipped ones."""
+    return sorted({p.stem for d in (user_tuned_dir(), config_dir() / "tuned") for p in d.glob("*.yaml")})
 
 
 def compose(overrides: list[str]):
@@ -44,17 +71,34 @@ def compose(overrides: list[str]):
     return cfg
 
 
-def load_tuned_table(name_or_path: str) -> dict:
-    """A per-layer table ``{layer: {setting: value}}`` from configs/tuned/NAME.yaml or a YAML path."""
-    from omegaconf import OmegaConf
+def find_tuned_table(name_or_path: str) -> Path:
+    """The table a ``--tuned`` value names: a YAML path as given, or a bare NAME in the user's tuned folder,
+    then in the tables shipped in configs/tuned/."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix or len(path.parts) > 1:
+        if not path.is_file():
+            raise UserError(f"tuned={name_or_path!r}: no such file")
+        return path
+    for folder in (user_tuned_dir(), config_dir() / "tuned"):
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    raise UserError(f"tuned={name_or_path!r}: no such table in {user_tuned_dir()} or the shipped ones; "
+                    f"known: {', '.join(tuned_names()) or 'none yet'}")
 
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = config_dir() / "tuned" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise UserError(f"tuned={name_or_path!r}: no such table; known: {', '.join(group_options('tuned')) or 'none yet'}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+def load_tuned_table(name_or_path: str) -> dict:
+    """A per-layer table ``{layer: {setting: value}}`` from a tuned YAML (see :func:`find_tuned_table`)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    path = find_tuned_table(name_or_path)
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"tuned table {path}: not valid YAML ({first})") from None
     layers = data.get("layers", data) if isinstance(data, dict) else None
-    if not isinstance(layers, dict):
+    if not isinstance(layers, dict) or not all(str(k).lstrip("-").isdigit() for k in layers):
         raise UserError(f"tuned table {path}: expected a mapping 'layers: {{LAYER: {{setting: value}}}}'")
-    return layers
+    return {int(k): v for k, v in layers.items()}

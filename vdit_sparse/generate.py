@@ -104,6 +104,43 @@ def run_settings(cfg, req: GenerateRequest | None = None):
         raise UserError(str(e)) from None
 
 
+# The model group's keys and the types they take (Hydra reads "abc" or "3" as it sees fit).
+MODEL_TYPES = {"name": str, "steps": int, "frames": int, "height": int, "width": int, "guidance_scale": (int, float),
+               "max_sequence_length": int, "fps": (int, float)}
+
+
+def check_run(cfg, req: GenerateRequest | None = None):
+    """Everything about a run that can be wrong before a model is loaded: the settings (returned), the types of
+    the model keys and the seed, the tuned table (parsed and checked against the method), the dense backend."""
+    from .policy import Policy
+
+    settings = run_settings(cfg, req)
+    for key, kind in MODEL_TYPES.items():
+        value = cfg.model.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise UserError(f"model.{key}={value!r}: must be {kinds}")
+    if cfg.model.steps < 1:
+        raise UserError(f"steps={cfg.model.steps!r}: must be a positive integer")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise UserError(f"seed={cfg.seed!r}: must be an integer")
+    if cfg.get("tuned"):
+        from .config import load_tuned_table
+
+        try:
+            Policy.build(cfg.attention.name, settings, cfg.cache.name, load_tuned_table(cfg.tuned))
+        except ValueError as e:
+            raise UserError(f"tuned={cfg.tuned!r}: {e}") from None
+    backend = cfg.get("dense_backend")
+    if backend:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        if backend not in [b.value for b in AttentionBackendName]:
+            known = ", ".join(b.value for b in AttentionBackendName if not b.value.startswith("_"))
+            raise UserError(f"dense_backend={backend!r}: not a diffusers attention backend; known: {known}")
+    return settings
+
+
 def check_video_size(pipe, frames: int, height: int, width: int) -> None:
     """Frames, height and width the pipeline's VAE and transformer patching can take (the adapter's rule)."""
     from .pipelines import adapter_for
@@ -149,10 +186,8 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .stats import summarize
 
     cfg = resolve(req) if cfg is None else cfg
-    settings = run_settings(cfg, req)
+    settings = check_run(cfg, req)
     m = cfg.model
-    if not isinstance(m.steps, int) or m.steps < 1:
-        raise UserError(f"steps={m.steps!r}: must be a positive integer")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if pipe is None:
@@ -199,16 +234,12 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
 
 def use_dense_backend(pipe, name: str | None):
     """Route every dense attention call of ``pipe``'s transformers through diffusers' backend ``name``
-    (native, xformers, flash, sage, ...; checked by diffusers). Returns the function that undoes it."""
+    (native, xformers, flash, sage, ...: the name is checked by check_run, its package and device by
+    diffusers). Returns the function that undoes it."""
     if not name:
         return lambda: None
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
     from .integration import transformers_of
 
-    known = [b.value for b in AttentionBackendName if not b.value.startswith("_")]
-    if name not in [b.value for b in AttentionBackendName]:
-        raise UserError(f"dense_backend={name!r}: not a diffusers attention backend; known: {', '.join(known)}")
     models = [t for _, t in transformers_of(pipe)]
     try:
         for model in models:
@@ -317,6 +348,8 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
     from .caches import parse_cache
     from .settings import settings_for
 
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"PROMPT={prompt!r}: must be non-empty text")
     settings = {}
     for key in SETTING_FLAGS:
         value = getattr(args, key, None)

@@ -55,6 +55,23 @@ def load_pipeline(name_or_path: str = "tiny", device=None, dtype=None):
     return pipe
 
 
+def model_fingerprint(name_or_path: str) -> str:
+    """What identifies a model's weights cheaply: for "tiny" and local directories the names, sizes and
+    modification times of their files (a retrained or re-exported model changes it); a hub id as given."""
+    import hashlib
+
+    if name_or_path == "tiny":
+        from .pipelines.tiny import packaged_weights_dir
+
+        path = packaged_weights_dir()
+    else:
+        path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return f"id:{name_or_path}"
+    files = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file())
+    return "files:" + hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+
+
 def _from_pretrained(name: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 

@@ -12,11 +12,32 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is not a video name, exists (without ``overwrite``), or cannot be written."""
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise UserError(f"out={str(path)!r}: the video must end in {' or '.join(VIDEO_SUFFIXES)}")
     for p in (path, sidecar_path(path)):
         if p.exists() and not overwrite:
             raise UserError(f"out={str(p)!r}: already exists; pass --overwrite to replace it")
+    check_writable(path, "out")
+
+
+def check_writable(path: Path, name: str) -> None:
+    """Refuse, before any work, a file path whose folder could not be made or written.
+
+    Nothing is created: the nearest folder that exists must be a folder, and a probe file must be creatable
+    in it (made and removed at once); the folders below it are made only when the output is written.
+    """
+    import tempfile
+
+    folder = Path(path).absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{name}={str(path)!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{name}={str(path)!r}: the folder {str(existing)!r} cannot be written ({e.strerror})") from None
 
 
 def sidecar_path(video: Path) -> Path:

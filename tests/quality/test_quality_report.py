@@ -90,17 +90,23 @@ def test_a_report_that_fails_to_render_touches_no_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "report.html", "report.md"]
 
 
-def test_metrics_json_keeps_the_contract_and_infinite_psnr(tmp_path):
+def test_metrics_json_keeps_the_contract_and_is_strict_json(tmp_path):
     metrics, entry = _metrics_and_entry()
-    metrics["prompts"][0]["psnr"] = math.inf
+    metrics["prompts"][0].update(psnr=None, identical=True)
+    metrics["prompts"][0]["ssim_float"] = math.nan  # anything non-finite that slips through is written as null
     write_report(tmp_path, metrics, [entry])
-    loaded = json.loads((tmp_path / "metrics.json").read_text())
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    loaded = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
     assert set(loaded) >= {"mean", "prompts"}
     for e in [loaded["mean"], *loaded["prompts"]]:
         assert {"speedup", "psnr", "ssim", "lpips", "density"} <= set(e)
-    assert loaded["prompts"][0]["psnr"] == math.inf and loaded["mean"]["lpips"] is None
+    assert loaded["prompts"][0]["psnr"] is None and loaded["prompts"][0]["ssim_float"] is None
+    assert loaded["mean"]["lpips"] is None
     md = (tmp_path / "report.md").read_text()
-    assert "inf (identical)" in md and "| mean |" in md
+    assert "| identical |" in md and "| mean |" in md
 
 
 def test_missing_contract_keys_are_refused(tmp_path):

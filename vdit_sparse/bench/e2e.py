@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from vdit_sparse.methods import sparse_methods
 
     p = argparse.ArgumentParser(prog="vdit-sparse bench --e2e", description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="wan-1.3b-480p")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="default: wan-1.3b-480p, or tiny with --smoke")
     p.add_argument("--layers", type=int, help="layers to build (default: the model's)")
     p.add_argument("--methods", nargs="+", default=sparse_methods(), choices=sparse_methods())
     p.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.15, 0.08])
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="compile with aot_eager: checks the script, times nothing real")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    args.shape = args.shape or ("tiny" if args.smoke else "wan-1.3b-480p")  # a smoke check runs in seconds on a CPU
     if not args.smoke and (args.device or "cuda").startswith("cuda"):
         from . import require_cuda
 

@@ -39,6 +39,9 @@ class AttentionContext:
     branch: str = "default"
     model: str = "transformer"
     state: dict[str, Any] = field(default_factory=dict)
+    # (first, total): q, k hold the model's heads first, first + 1, ... of total (a Ulysses rank's
+    # share); None: all of them. Methods that draw random numbers per head draw them for all heads.
+    heads: tuple[int, int] | None = None
 
 
 class Method:

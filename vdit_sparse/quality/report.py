@@ -59,12 +59,30 @@ def density_matrix(stats: list[dict]) -> tuple[list[str], np.ndarray]:
 
 def _num(v, digits: int = 4) -> str:
     if v is None:
-        return "n/a"
+        return "—"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float) and math.isinf(v):
         return "inf (identical)"
     return f"{v:.{digits}g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _cell(e: dict, key: str) -> str:
+    """A table cell: a PSNR of identical videos reads "identical", a value not measured "—"."""
+    if key in ("psnr", "psnr_float") and e.get(key) is None and e.get("identical"):
+        return "identical"
+    return _num(e.get(key))
+
+
+NOTES = (
+    "— : not measured (a speed-up needs a reference timed in the same run: see compare --no-timing) or unavailable.",
+    "Speedup: reference wall time / accelerated wall time, both timed one after the other in the same process. "
+    "Density: realised share of the attention matrix computed (warm-up steps and dense layers included).",
+)
+
+
+def _warnings(metrics: dict) -> list[str]:
+    return list(metrics.get("warnings") or [])
 
 
 def _table_rows(metrics: dict) -> list[tuple[str, dict]]:
@@ -78,7 +96,7 @@ def render_markdown(metrics: dict, title: str) -> str:
     keys = ["speedup", "psnr", "ssim", "lpips", "density", "psnr_float", "ssim_float"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in _table_rows(metrics):
-        lines.append("| " + " | ".join([name.replace("|", "\\|")] + [_num(e.get(k)) for k in keys]) + " |")
+        lines.append("| " + " | ".join([name.replace("|", "\\|")] + [_cell(e, k) for k in keys]) + " |")
     reasons = sorted({e["lpips_unavailable"] for e in metrics.get("prompts", []) if e.get("lpips_unavailable")})
     if reasons:
         lines += ["", "LPIPS unavailable: " + "; ".join(reasons)]
@@ -94,11 +112,11 @@ def render_markdown(metrics: dict, title: str) -> str:
         if e.get("prompt_following"):
             scores = ", ".join(f"{k} {_num(v, 3)}" for k, v in e["prompt_following"].items())
             lines += ["", f"Prompt following, accelerated ({name}): {scores}"]
+    lines += ["", *(f"Warning: {w}" for w in _warnings(metrics))] if _warnings(metrics) else []
     lines += [
         "",
         "PSNR and SSIM: per frame on decoded uint8 frames, averaged over frames; \"float\" uses the "
-        "undecoded frames. Speedup: dense wall time / accelerated wall time. Density: realised share of "
-        "the attention matrix computed. The videos and plots are in report.html.",
+        "undecoded frames. " + " ".join(NOTES) + " The videos and plots are in report.html.",
         "",
     ]
     return "\n".join(lines)
@@ -119,7 +137,7 @@ _STYLE = """<style>
 body { font-family: sans-serif; margin: 2em; max-width: 1200px; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; } video { image-rendering: pixelated; max-width: 100%; }
-section { border-top: 1px solid #ddd; margin-top: 2em; } .plots { display: flex; flex-wrap: wrap; gap: 1em; }
+section { border-top: 1px solid #ddd; margin-top: 2em; } .warning { color: #a40; } .note { color: #555; font-size: 90%; } .plots { display: flex; flex-wrap: wrap; gap: 1em; }
 </style>"""
 
 
@@ -128,7 +146,7 @@ def _html_table(metrics: dict) -> str:
     head = "".join(f"<th>{k}</th>" for k in ["entry"] + keys)
     body = []
     for name, e in _table_rows(metrics):
-        cells = "".join(f"<td>{escape(_num(e.get(k)))}</td>" for k in keys)
+        cells = "".join(f"<td>{escape(_cell(e, k))}</td>" for k in keys)
         body.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -150,7 +168,7 @@ def _entry_html(entry: ReportEntry) -> str:
     m = entry.metrics
     name = m.get("label") or m.get("prompt", "")
     parts = [f"<section><h2>{escape(name)}</h2>", _video_html(entry), '<div class="plots">']
-    per_frame = {"PSNR (uint8)": m.get("psnr_per_frame", [])}
+    per_frame = {"PSNR (uint8)": [math.inf if v is None else v for v in m.get("psnr_per_frame", [])]}  # None: identical
     parts.append(plots.line_plot(per_frame, "per-frame PSNR", "frame", "dB"))
     labels, matrix = density_matrix(entry.stats)
     if matrix.size:
@@ -182,7 +200,9 @@ def _pareto_html(metrics: dict) -> str:
 def render_html(metrics: dict, entries: list[ReportEntry], title: str) -> str:
     """One self-contained page: summary table, Pareto plot (sweeps), and per entry the
     side-by-side video (an mp4 data: URI), per-frame PSNR and the density heat map."""
-    body = [f"<h1>{escape(title)}</h1>", _html_table(metrics), _pareto_html(metrics)]
+    notes = "".join(f"<p class=\"warning\">warning: {escape(w)}</p>" for w in _warnings(metrics))
+    notes += "".join(f"<p class=\"note\">{escape(n)}</p>" for n in NOTES)
+    body = [f"<h1>{escape(title)}</h1>", _html_table(metrics), notes, _pareto_html(metrics)]
     body += [_entry_html(e) for e in entries]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

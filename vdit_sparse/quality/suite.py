@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 
@@ -52,8 +53,9 @@ def compare_videos(a, b, *, a_float=None, b_float=None, prompt: str | None = Non
     for the headline numbers, which measure what users see. ``a_float`` / ``b_float``,
     when given, are the undecoded float frames, scored separately as ``*_float``.
 
-    Returns (JSON-ready; PSNR is ``inf`` for identical frames):
-      psnr, ssim, psnr_per_frame, ssim_per_frame  on uint8 frames
+    Returns (strict-JSON-ready: an identical video's PSNR is None with ``identical`` True, an identical
+    frame's per-frame PSNR None):
+      psnr, ssim, psnr_per_frame, ssim_per_frame  on uint8 frames; identical: every uint8 frame equal
       psnr_float, ssim_float                      on float frames (= uint8 values when none given)
       lpips (None when unavailable), lpips_unavailable (the reason, or None)
       vbench, vbench_reference                    :func:`vbench_proxies` of b and of a
@@ -63,12 +65,16 @@ def compare_videos(a, b, *, a_float=None, b_float=None, prompt: str | None = Non
     as_pair(a8, b8)  # shape check first, with the clear message
     out: dict = {}
     out["psnr"], out["ssim"], out["psnr_per_frame"], out["ssim_per_frame"] = _fidelity(a8, b8)
+    out["identical"] = math.isinf(out["psnr"])
     if a_float is not None or b_float is not None:
         fa = a_float if a_float is not None else a
         fb = b_float if b_float is not None else b
         out["psnr_float"], out["ssim_float"], _, _ = _fidelity(fa, fb)
     else:
         out["psnr_float"], out["ssim_float"] = out["psnr"], out["ssim"]
+    for key in ("psnr", "psnr_float"):
+        out[key] = None if math.isinf(out[key]) else out[key]
+    out["psnr_per_frame"] = [None if math.isinf(v) else v for v in out["psnr_per_frame"]]
     if lpips:
         result = lpips_metric(a8, b8)
         out["lpips"], out["lpips_unavailable"] = result.value, result.reason

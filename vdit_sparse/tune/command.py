@@ -29,7 +29,8 @@ from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of,
 from .cost import CostModel, load_cost_model
 from .search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
-HELP = "find per-layer sparse-attention settings for a quality target; write configs/tuned/NAME.yaml and a report"
+PSNR_CAP = 100.0  # dB: an identical video's PSNR (infinite) counts as this, so means stay finite; printed "identical"
+HELP = "find per-layer sparse-attention settings for a quality target; write a tuned table and a report"
 CALIBRATION_PROMPTS = ("a red square moving right", "two blue circles moving up on a striped background")
 HOLDOUT_PROMPTS = ("a green triangle moving left", "a yellow ball moving down on a dark background")
 
@@ -45,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vdit-sparse tune", description=HELP)
     p.add_argument("--out", required=True, metavar="PATH|NAME",
-                   help="the table: a .yaml path, or a NAME for configs/tuned/NAME.yaml; the report goes beside it")
+                   help="the table: a .yaml path, or a NAME for NAME.yaml in your tuned folder ($VDIT_SPARSE_HOME/tuned, else "
+                        "~/.config/vdit-sparse/tuned); the report goes beside it")
     p.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
     p.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
     p.add_argument("--knob", help="the setting that varies per layer: one of the method's knobs (density for svg, "
@@ -125,17 +127,20 @@ def knob_values(args) -> list[float]:
 
 
 def out_path(args) -> Path:
-    """``--out`` as a path: a bare NAME means configs/tuned/NAME.yaml of this installation."""
-    from ..config import config_dir
+    """``--out`` as a path: a bare NAME means NAME.yaml in the user's tuned folder ($VDIT_SPARSE_HOME/tuned or the
+    platform's user config folder), never inside the installed package; a path means exactly that path."""
+    from ..config import user_tuned_dir
+    from ..video import check_writable
 
     raw = args.out
-    path = Path(raw)
-    if path.suffix == "" and path.parent == Path("."):
-        path = config_dir() / "tuned" / f"{raw}.yaml"
+    path = Path(raw).expanduser()
+    if path.suffix == "" and len(path.parts) == 1:
+        path = user_tuned_dir() / f"{raw}.yaml"
     if path.suffix not in (".yaml", ".yml"):
-        raise UserError(f"--out {raw!r}: expected a .yaml path or a bare NAME (for configs/tuned/NAME.yaml)")
+        raise UserError(f"--out {raw!r}: expected a .yaml path or a bare NAME (for {user_tuned_dir()}/NAME.yaml)")
     if path.exists() and not args.overwrite:
         raise UserError(f"--out {str(path)!r}: exists; pass --overwrite to replace it, or choose another name")
+    check_writable(path, "--out")
     return path
 
 
@@ -145,7 +150,11 @@ def read_prompts(path: str | None, default: tuple[str, ...], flag: str) -> list[
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{flag} {path!r}: no such file; expected a text file with one prompt per line")
-    prompts = [s.strip() for s in p.read_text(encoding="utf-8").splitlines() if s.strip() and not s.strip().startswith("#")]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {path!r}: not UTF-8 text (byte {e.start}); expected one prompt per line") from None
+    prompts = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
     if not prompts:
         raise UserError(f"{flag} {path!r}: holds no prompt; expected one prompt per line")
     return prompts
@@ -206,7 +215,7 @@ def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray],
     with _bar(len(requests), desc) as bar:
         for req, ref in zip(requests, references):
             result = generate(pipe, req, tuned)
-            values.append(min(psnr(ref, result.frames), 100.0))  # identical videos: cap inf so means stay finite
+            values.append(min(psnr(ref, result.frames), PSNR_CAP))
             bar.update()
     return float(np.mean(values))
 
@@ -271,6 +280,23 @@ def _realised_density(opts: list[Option], knob: str):
     pts = sorted((o.setting[knob], o.density) for o in opts if knob in o.setting) + [(1.0, 1.0)]
     xs, ys = [x for x, _ in pts], [y for _, y in pts]
     return lambda d: float(np.interp(d, xs, ys))
+
+
+def grid_warnings(options: dict[int, list[Option]], knob: str) -> list[str]:
+    """What the calibration says about the candidates themselves: a requested density the token grid cannot
+    realise (off by more than 0.1 on average), and candidate values that realise the same density."""
+    out, realised = [], {}
+    values = list(dict.fromkeys(o.setting[knob] for opts in options.values() for o in opts if knob in o.setting))
+    for value in values:
+        got = [o.density for opts in options.values() for o in opts if o.setting.get(knob) == value]
+        mean = float(np.mean(got))
+        realised.setdefault(round(mean, 3), []).append(value)
+        if knob == "density" and abs(mean - value) > 0.1:
+            out.append(f"density {value} realises {mean:.3f} on average: the token grid is too small for that "
+                       "budget at this block size (more frames or pixels, or a smaller block_size)")
+    out += [f"{knob} values {', '.join(map(str, vs))} realise the same density {d}: they are one setting here"
+            for d, vs in realised.items() if len(vs) > 1]
+    return out
 
 
 def search(args, options, target_error: float) -> dict[int, Option]:
@@ -364,7 +390,7 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
             row = {"prompt": prompt}
             for name in ("tuned", "uniform"):
                 res = results[name]
-                row[name] = {"psnr": min(psnr(ref.frames, res.frames), 100.0), "density": res.density,
+                row[name] = {"psnr": min(psnr(ref.frames, res.frames), PSNR_CAP), "density": res.density,
                              "attention_ms": res.attention_ms, "attention_speedup": ref.attention_ms / max(res.attention_ms, 1e-9)}
             rows.append(row)
     mean = {name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in ("tuned", "uniform")}
@@ -411,7 +437,7 @@ def choose_table(args, pipe, options, cands, cal_requests, references, out: Path
 
 def main(argv: list[str], pipe=None) -> int:
     """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
-    from ..generate import check_video_size, resolve, run_settings
+    from ..generate import check_run, check_video_size, resolve
     from ..loading import load_pipeline, resolve_device, resolve_dtype
     from ..policy import Policy
     from .report import write_report
@@ -426,7 +452,7 @@ def main(argv: list[str], pipe=None) -> int:
     cost = load_cost_model(args.cost_model)
     base = request_from_args(args, cal_prompts[0])
     cfg = resolve(base)
-    params = run_settings(cfg, base)
+    params = check_run(cfg, base)
     device = resolve_device(cfg.device)
     if pipe is None:
         pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
@@ -452,11 +478,18 @@ def main(argv: list[str], pipe=None) -> int:
         return metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
 
     chosen, meta, fit = choose_table(args, pipe, options, cands, cal_requests, references, out, meta_for)
+    meta["warnings"] = grid_warnings(options, args.knob)
+    for warning in meta["warnings"]:
+        print(f"warning: {warning}")
     uniform = uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, len(cal_prompts), dense_layers, sparse_share)
     validation = None if args.no_validate else validate(args, pipe, base, holdout, out, uniform)
     report = write_report(out, meta, cands, options, chosen, validation, fit, {args.knob: uniform})
     _print_summary(out, report, meta, chosen, validation, fit, cost, time.perf_counter() - t0)
     return 0
+
+
+def _db(psnr: float) -> str:
+    return "identical (capped at 100 dB)" if psnr >= PSNR_CAP else f"{psnr:.2f} dB"
 
 
 def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) -> None:
@@ -468,13 +501,13 @@ def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) ->
     if fit is not None:
         last = fit["rounds"][-1]
         verdict = "met" if fit["met"] else "NOT met"
-        print(f"calibration PSNR {last['psnr']:.2f} dB against target {meta['target']['psnr']} dB: {verdict}")
+        print(f"calibration PSNR {_db(last['psnr'])} against target {meta['target']['psnr']} dB: {verdict}")
     if validation is not None:
         m = validation["mean"]
         u = ", ".join(f"{k}={v}" for k, v in validation["uniform_setting"].items())
-        print(f"held-out ({len(validation['prompts'])} prompts): tuned PSNR {m['tuned']['psnr']:.2f} dB "
+        print(f"held-out ({len(validation['prompts'])} prompts): tuned PSNR {_db(m['tuned']['psnr'])} "
               f"(density {m['tuned']['density']:.3f}, attention speed-up {m['tuned']['attention_speedup']:.2f}x) | "
-              f"uniform {u} of equal predicted cost: PSNR {m['uniform']['psnr']:.2f} dB "
+              f"uniform {u} of equal predicted cost: PSNR {_db(m['uniform']['psnr'])} "
               f"(density {m['uniform']['density']:.3f}, {m['uniform']['attention_speedup']:.2f}x)")
         print(f"tuned minus uniform on held-out prompts: {m['tuned']['psnr'] - m['uniform']['psnr']:+.2f} dB")
     print(f"wrote {out} and {report} in {seconds:.0f} s")

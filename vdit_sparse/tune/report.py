@@ -115,6 +115,7 @@ def render(meta, cands, options, chosen, validation, fit, uniform) -> str:
     warning = "" if "measured" in meta["cost_model"] else (
         "<p><b>Cost model: proportional fallback, no GPU measurement.</b> Predicted speed-ups count computed "
         "attention only; run vdit-sparse bench --cost-model on the target GPU and pass --cost-model.</p>")
+    warning += "".join(f"<p><b>warning:</b> {escape(w)}</p>" for w in meta.get("warnings", []))
     parts = [f"<h1>vdit-sparse tune: {escape(meta['attention'])} ({escape(meta['knob'])})</h1>", warning,
              f"<p>target {escape(str(meta['target']))}; cost model: {escape(meta['cost_model'])}; "
              f"model {escape(meta['model'])}; {escape(meta['date'])}</p>", bars, curves,

@@ -1,0 +1,99 @@
+"""Bad input as a new user gives it: one line on stderr, exit code 2, nothing written, no model loaded.
+
+Each row is an input that once gave a traceback deep inside a library, or failed only after the
+whole generation. ``load_pipeline`` is replaced by a function that fails the test: every refusal
+below must come before any model work.
+"""
+
+import json
+
+import pytest
+
+from vdit_sparse.cli import main
+
+BINARY = b"\xff\xfe\x00a red square\n"
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr("vdit_sparse.loading.load_pipeline", refuse)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VDIT_SPARSE_HOME", str(tmp_path / "home"))
+    (tmp_path / "bad.yaml").write_text("layers: {1: {density: 0.2\n")  # an unclosed mapping
+    (tmp_path / "wrong-key.yaml").write_text("layers:\n  1: {top_p: 0.5}\n")  # svg has no top_p
+    (tmp_path / "binary.txt").write_bytes(BINARY)
+    (tmp_path / "a-file").write_text("not a folder")
+    return tmp_path
+
+
+CASES = [  # (argv, what the one line must say)
+    (["generate", "a red square", "--attention", "svg", "--tuned", "bad.yaml"], "tuned table bad.yaml: not valid YAML"),
+    (["generate", "a red square", "--attention", "svg", "--tuned", "wrong-key.yaml"],
+     "layer 1: top_p: not a setting of attention='svg'"),
+    (["generate", "a red square", "--tuned", "no-such-table"], "tuned='no-such-table': no such table"),
+    (["generate", "a red square", "model.guidance_scale=abc"], "model.guidance_scale='abc': must be int or float"),
+    (["generate", "a red square", "model.steps=2.5"], "model.steps=2.5: must be int"),
+    (["generate", "a red square", "seed=x"], "seed='x': must be an integer"),
+    (["generate", "a red square", "--out", "a-file/clip.mp4"], "is a file, not a folder"),
+    (["generate", "a red square", "--out", "/proc/vdit-sparse/clip.mp4"], "cannot be written"),
+    (["generate", ""], "PROMPT='': must be non-empty text"),
+    (["generate", "   "], "must be non-empty text"),
+    (["compare", "", "--attention", "svg", "--report", "r"], "PROMPT='': must be non-empty text"),
+    (["compare", "--prompts", "binary.txt", "--attention", "svg", "--report", "r"], "--prompts 'binary.txt': not UTF-8 text"),
+    (["compare", "a red square", "--attention", "svg", "--report", "a-file"], "is a file; expected a directory"),
+    (["compare", "a red square", "--attention", "svg", "--report", "/proc/vdit-sparse-report"], "cannot be written"),
+    (["compare", "a red square", "--attention", "svg", "--report", "r", "--sweep", "top_p=0.5"],
+     "top_p: not a setting of attention='svg'"),
+    (["tune", "--attention", "svg", "--target-error", "0.1", "--out", "a-file/t.yaml"], "is a file, not a folder"),
+    (["tune", "--attention", "svg", "--target-error", "0.1", "--out", "t", "--prompts", "binary.txt"],
+     "--prompts 'binary.txt': not UTF-8 text"),
+    (["tune", "--attention", "svg", "--target-error", "0.1", "--out", "t", "model.guidance_scale=abc"],
+     "model.guidance_scale='abc'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_before_any_work(workdir, no_model_work, capsys, argv, message):
+    before = sorted(p.name for p in workdir.iterdir())
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written, not even a folder
+
+
+def test_a_second_comparison_into_the_same_report_is_refused(workdir, capsys):
+    import fcntl
+
+    report = workdir / "r"
+    report.mkdir()
+    with open(report / ".lock", "a+") as held:  # another comparison is writing r/
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["compare", "a red square", "--attention", "svg", "--report", str(report), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another comparison is writing it now" in err[0]
+    assert [p.name for p in report.iterdir()] == [".lock"]
+
+
+def test_tuned_tables_belong_to_the_user(workdir, tiny_pipe):
+    """tune --out NAME writes into $VDIT_SPARSE_HOME/tuned, never into the package; --tuned NAME finds it there first."""
+    from vdit_sparse.config import config_dir, find_tuned_table
+    from vdit_sparse.tune import command as tune
+
+    shipped_before = sorted(p.name for p in (config_dir() / "tuned").iterdir())
+    argv = ["--attention", "svg", "--target-error", "0.5", "--values", "0.3,0.6", "--out", "mine", "--no-validate",
+            "--steps", "1", "--frames", "9", "--height", "64", "--width", "64", "attention.block_size=16"]
+    assert tune.main(argv, pipe=tiny_pipe) == 0
+    written = workdir / "home" / "tuned" / "mine.yaml"
+    assert written.is_file() and find_tuned_table("mine") == written
+    assert sorted(p.name for p in (config_dir() / "tuned").iterdir()) == shipped_before
+    assert main(["generate", "a red square", "--attention", "svg", "--tuned", "mine", "--steps", "1", "--frames", "9",
+                 "--height", "64", "--width", "64", "--out", "clip.mp4"]) == 0
+    side = json.loads((workdir / "clip.json").read_text())
+    assert side["config"]["tuned"] == "mine" and side["config"]["out"] == "clip.mp4"  # the sidecar names its video
