@@ -193,8 +193,11 @@ def new_centroids(x, sums, counts, dist):
     return torch.where(empty[..., None], seeds, means)
 
 
-def seed_plus_plus(x, num_clusters: int, generator: torch.Generator | None = None):
+def seed_plus_plus(x, num_clusters: int, generator: torch.Generator | None = None, sets=None):
     """(G, C, D) float32 greedy k-means++ seeds drawn from a random subsample of each of the G point sets.
+
+    ``sets`` (total, index): x holds point sets ``index`` (G,) of ``total``; the random draws are made
+    for all of them and these kept, so a set's seeds do not depend on which sets share the call.
 
     Each new seed is the best of SEED_TRIALS candidates (the one that lowers the summed squared
     distance most), as in scikit-learn, drawn ∝ (d²)^SEED_POWER instead of d²: with spread within
@@ -206,7 +209,7 @@ def seed_plus_plus(x, num_clusters: int, generator: torch.Generator | None = Non
     G, N, D = x.shape
     m = min(N, SEED_SAMPLE_PER_CLUSTER * num_clusters)
     trials = min(m, SEED_TRIALS)
-    pick = torch.rand(G, N, generator=generator, device=x.device).argsort(1)[:, :m]  # (G, m)
+    pick = _uniform(G, N, generator, x.device, sets).argsort(1)[:, :m]  # (G, m)
     pts = torch.gather(x, 1, pick[..., None].expand(-1, -1, D)).float()  # (G, m, D)
     pts_norm = pts.square().sum(-1)  # (G, m)
     rows = torch.arange(G, device=x.device)
@@ -214,7 +217,7 @@ def seed_plus_plus(x, num_clusters: int, generator: torch.Generator | None = Non
     seeds[:, 0] = pts[:, 0]  # pts is already in random order
     d2 = (pts - seeds[:, :1]).square().sum(-1)  # (G, m) squared distance to the nearest seed so far
     for j in range(1, num_clusters):  # a fixed count; nothing is read back to the host
-        u = torch.rand(G, m, generator=generator, device=x.device).clamp_(1e-20, 1.0)
+        u = _uniform(G, m, generator, x.device, sets).clamp_(1e-20, 1.0)
         # Gumbel top-k: `trials` draws without replacement, each index with probability ∝ d2^SEED_POWER
         cand = (SEED_POWER * d2.log() - (-u.log()).log()).topk(trials, dim=1).indices  # (G, trials)
         cand_pts = torch.gather(pts, 1, cand[..., None].expand(-1, -1, D))  # (G, trials, D)
@@ -225,6 +228,14 @@ def seed_plus_plus(x, num_clusters: int, generator: torch.Generator | None = Non
         seeds[:, j] = cand_pts[rows, best]
         d2 = after[rows, best]
     return seeds
+
+
+def _uniform(G: int, n: int, generator, device, sets=None) -> torch.Tensor:
+    """(G, n) uniform draws; with ``sets`` (total, index), the rows ``index`` of (total, n) draws."""
+    if sets is None:
+        return torch.rand(G, n, generator=generator, device=device)
+    total, index = sets
+    return torch.rand(total, n, generator=generator, device=device)[index]
 
 
 def _backend(x, backend):
@@ -243,10 +254,11 @@ def assign(x, centroids, backend: str | None = None, chunk_size: int | None = No
 
 
 def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backend: str | None = None,
-           chunk_size: int | None = None) -> KMeansResult:
+           chunk_size: int | None = None, sets=None) -> KMeansResult:
     """Lloyd's k-means on each of the G point sets of x (G, N, D).
 
-    ``init`` (G, C, D) warm-starts from earlier centroids; None seeds with k-means++. Runs exactly
+    ``init`` (G, C, D) warm-starts from earlier centroids; None seeds with k-means++ (``sets``: see
+    ``seed_plus_plus``; a Ulysses rank holds some of the heads and seeds them as one device would). Runs exactly
     ``iters`` (assign, update) rounds, then a last assignment, so the returned labels (G, N) int32 are
     the nearest-centroid partition of the returned centroids (G, C, D) float32.
     """
@@ -263,7 +275,7 @@ def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backen
     x = x.contiguous()  # once, not in every kernel launch
     if init is None:
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        centroids = seed_plus_plus(x, num_clusters, gen)
+        centroids = seed_plus_plus(x, num_clusters, gen, sets)
     else:
         centroids = init.float()
     accumulate = accumulate_triton if backend == "triton" else accumulate_reference

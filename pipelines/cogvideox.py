@@ -66,6 +66,7 @@ class CogVideoXAdapter(Adapter):
     latents = "BFCHW"
     forward_args = ("hidden_states", "encoder_hidden_states")
     text = "before"
+    batched_cfg = True  # "cond_uncond": one call
     processor = CogVideoXJointAttnProcessor
 
     @classmethod

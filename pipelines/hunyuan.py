@@ -84,7 +84,7 @@ class HunyuanJointAttnProcessor(HandleProcessor):
         # the key mask (B, 1, 1, V + T) is True on every video token; its text part is whole on every rank
         if attention_mask is None:
             return None
-        video = attention_mask.new_ones(*attention_mask.shape[:-1], exchange.video_tokens)
+        video = attention_mask.new_ones(*attention_mask.shape[:-1], exchange.video_tokens)  # (B, 1, 1, V)
         return torch.cat([video, attention_mask[..., attention_mask.shape[-1] - exchange.text:]], -1)
 
     # under torch.compile, the one graph break of this call: reading the padding is data-dependent
@@ -106,7 +106,8 @@ class HunyuanJointAttnProcessor(HandleProcessor):
             padding_rows["out"] = out[:, n:]
             return out[:, :n]
 
-        out = self.attend(self.layer, q[:, :n], k[:, :n], v[:, :n], dense_real, dense=dense, heads=heads)  # (B, n, H, D)
+        # (B, n, H, D): video and real text
+        out = self.attend(self.layer, q[:, :n], k[:, :n], v[:, :n], dense_real, dense=dense, heads=heads)
         rows = padding_rows.get("out")
         if rows is None:  # padding queries attend every real key, as in the masked dense call
             rows = dense_fn(pad_q, k, v)
@@ -125,7 +126,8 @@ class HunyuanVideoAdapter(Adapter):
     @classmethod
     def context_parallel_plan(cls) -> dict:
         """diffusers 0.42 gives HunyuanVideo no ``_cp_plan``: split the patched video and its rotary
-        embedding, keep the text whole (its padding mask is built from local lengths), gather at the end."""
+        embedding, keep the text whole (its padding mask is built from local lengths), gather at the end.
+        For our processors only: diffusers' stock one would count the whole text once per rank."""
         from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
         rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)  # (V, D) cos and sin

@@ -8,6 +8,7 @@ family's facts as class attributes; then one line in ``ADAPTERS`` (pipelines/__i
 from __future__ import annotations
 
 import itertools
+import re
 
 import torch
 
@@ -94,6 +95,7 @@ class Adapter:
     latents: str = "BCFHW"
     forward_args: tuple[str, ...] = ("hidden_states", "timestep", "encoder_hidden_states")
     text: str = "none"
+    batched_cfg: bool = False  # the pipeline runs both guidance branches in one transformer call
     processor: type[HandleProcessor] = HandleProcessor
 
     @classmethod
@@ -116,6 +118,18 @@ class Adapter:
         reads the whole video's layout there, whichever hook runs first.
         """
         return None
+
+    @classmethod
+    def self_attention_patterns(cls) -> list[str]:
+        """Regular expressions of the self-attention modules' names in the transformer (diffusers' cache hooks)."""
+        return [rf"{re.escape(name)}\.\d+\.{re.escape(cls.attention)}" for name in cls.blocks]
+
+    @classmethod
+    def output_latents(cls, transformer, args, kwargs) -> list:
+        """The visual latents of one transformer call, each (C, F, H, W): what diffusers' SeaCache measures."""
+        given = dict(zip(cls.forward_args, args)) | kwargs
+        hidden = given["hidden_states"]
+        return list(hidden if cls.latents == "BCFHW" else hidden.transpose(1, 2))
 
     @staticmethod
     def patch(config) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-TEXT_POSITIONS = ("none", "before", "after")
+from vdit_sparse.layout import TEXT_POSITIONS
 
 
 def context_parallel(parallel_config):

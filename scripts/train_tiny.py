@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -440,19 +441,53 @@ def evaluate(args, recipe: Recipe, device) -> dict:
         clips = [dict(prompt=prompt, **{k: _plain(v) for k, v in found.items()}) for (_, prompt), found in zip(samples, results)]
         report[split] = dict(accuracy_of(results), clips=clips)
         _write_strip(args.out / f"eval-{split}.png", samples[:8])
-    handle = vdit_sparse.accelerate(pipe, attention="svg", density=0.25, warmup_steps=0.25)  # configs/attention/svg.yaml
-    try:
-        prompts = [c.caption() for c in shapes_world.combos("heldout")][: args.svg_clips]
-        table = []
-        for i, prompt in enumerate(prompts):
-            generate(prompt, args.seed + i)
-            table += handle.stats()  # the latest run's calls
-        report["svg_head_shares"] = head_shares_by_layer(table)
-    finally:
-        handle.remove()
+    report.update(attention_structure(pipe, generate, [c.caption() for c in shapes_world.combos("heldout")][: args.svg_clips],
+                                      args.seed))
     atomic_write_json(args.out / "eval.json", report)
     return dict(stage="eval", **{k: v for k, v in report.items() if k not in args.eval_splits},
                 **{split: {k: v for k, v in report[split].items() if k != "clips"} for split in args.eval_splits})
+
+
+def attention_structure(pipe, generate, prompts: list[str], seed: int) -> dict:
+    """Per layer, what the trained model's self-attention looks like to the sparse methods, over ``prompts``:
+    the mean entropy of a dense run's attention rows relative to uniform (1.0: no structure), svg's head shares
+    (spatial / temporal / dense) and svg2's realised density at its defaults (top_p 0.9), warm-up excluded."""
+    import vdit_sparse
+
+    entropy: dict[str, list[float]] = {}
+
+    def observe(ctx, q, k, v, out, forced_dense):  # (B, H, N, D): rows' entropy over log N
+        probs = (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        h = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(q.shape[2])
+        entropy.setdefault(str(ctx.layer), []).append(float(h.mean()))
+
+    out = {}
+    for attention in ("dense", "svg", "svg2"):
+        handle = vdit_sparse.accelerate(pipe, attention=attention)
+        if attention == "dense":
+            handle.observe(observe)
+        try:
+            table = []
+            for i, prompt in enumerate(prompts):
+                generate(prompt, seed + i)
+                table += handle.stats()  # the latest run's calls
+        finally:
+            handle.remove()
+        if attention == "svg":
+            out["svg_head_shares"] = head_shares_by_layer(table)
+        elif attention == "svg2":
+            out["svg2_density"] = density_by_layer(table, "svg2")
+    out["attention_entropy"] = {layer: round(sum(v) / len(v), 4) for layer, v in sorted(entropy.items(), key=lambda i: int(i[0]))}
+    return out
+
+
+def density_by_layer(table: list[dict], method: str) -> dict[str, float]:
+    """Mean realised density per layer over ``method``'s calls (warm-up steps, which run dense, excluded)."""
+    by_layer: dict[str, list[float]] = {}
+    for row in table:
+        if row.get("method") == method:
+            by_layer.setdefault(str(row["layer"]), []).append(row["density"])
+    return {layer: round(sum(v) / len(v), 4) for layer, v in sorted(by_layer.items(), key=lambda i: int(i[0]))}
 
 
 def head_shares_by_layer(table: list[dict]) -> dict[str, dict[str, float]]:
@@ -515,7 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-clips", type=int, default=36, help="eval: clips per split")
     p.add_argument("--eval-splits", nargs="+", choices=("heldout", "train"), default=["heldout"],
                    help="eval: which prompt sets to generate from")
-    p.add_argument("--svg-clips", type=int, default=2, help="eval: held-out clips generated with attention='svg'")
+    p.add_argument("--svg-clips", type=int, default=2,
+                   help="eval: held-out clips for the attention structure (dense entropy, svg head shares, svg2 density)")
     p.add_argument("--eval-steps", type=int, default=10, help="eval: denoising steps per clip (configs/model/tiny.yaml)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="eval: classifier-free guidance scale")
     args = p.parse_args(argv)

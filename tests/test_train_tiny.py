@@ -72,6 +72,8 @@ def test_stages_resume_and_export_loads_as_a_wan_pipeline(train_tiny, tmp_path):
     shares = saved["svg_head_shares"]  # svg ran on 3 of 4 steps (a quarter warm-up), each head one class
     assert list(shares) == ["0"] and shares["0"]["spatial"] + shares["0"]["temporal"] + shares["0"]["dense"] == pytest.approx(1)
     assert (out / "eval-heldout.png").stat().st_size > 0
+    assert list(saved["attention_entropy"]) == ["0"] and 0 < saved["attention_entropy"]["0"] <= 1
+    assert list(saved["svg2_density"]) == ["0"] and 0 < saved["svg2_density"]["0"] <= 1
 
     more = tmp_path / "more"  # a later run continues from the shipped weights, in its own checkpoint folder
     assert run(train_tiny, "--stage", "dit", "--steps", 1, "--ckpt-dir", more, "--init-from", out)["step"] == 1

@@ -11,6 +11,7 @@ from .errors import UserError
 
 
 def _generate(args) -> int:
+    from . import parallel
     from .generate import default_out, request_from_args, run_generation, sidecar
     from .atomicfile import atomic_write_json
     from .video import check_output, sidecar_path, write_video
@@ -18,7 +19,10 @@ def _generate(args) -> int:
     req = request_from_args(args, args.prompt)
     out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
     check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
-    result = run_generation(req)
+    parallel.start(args.ulysses_degree, "generate")
+    result = run_generation(req, progress=parallel.is_main())
+    if not parallel.is_main():  # every rank generated its share of the video; rank 0 writes it
+        return 0
     result.config.update(out=str(out), overwrite=bool(args.overwrite))
     write_video(out, result.frames, fps=int(result.config["model"]["fps"]))
     atomic_write_json(sidecar_path(out), sidecar(result))

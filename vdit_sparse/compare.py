@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import parallel
 from .atomicfile import metrics_json
 from .errors import UserError
 from .generate import (
@@ -508,6 +509,9 @@ def main(argv: list[str], generate_fn=None) -> int:
     args = parse_args(argv)
     pairs = plan_pairs(args)
     report = Path(args.report)
+    parallel.start(args.ulysses_degree, "compare")
+    if not parallel.is_main():  # under torchrun: the other ranks make the same runs and write nothing
+        return _compare(args, pairs, report, generate_fn)
     with report_lock(report):
         claim_report_dir(report, identity(pairs, args.against), args.overwrite)
         return _compare(args, pairs, report, generate_fn)
@@ -516,10 +520,12 @@ def main(argv: list[str], generate_fn=None) -> int:
 def _compare(args, pairs: list[Pair], report: Path, generate_fn) -> int:
     from .quality.report import ReportEntry, write_report
 
-    cache = RunStore(args.dense_cache or default_cache_dir())
-    runs = RunStore(report / "runs")
+    cache = parallel.main_store(RunStore(args.dense_cache or default_cache_dir()))
+    runs = parallel.main_store(RunStore(report / "runs"))
     load_before = machine_load()
     run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(warmup=not args.no_warmup), timing=not args.no_timing)
+    if not parallel.is_main():
+        return 0
     entries = measure_all(pairs, report, cache, runs, lpips=not args.no_lpips)
     metrics = summarize(pairs, entries, swept=bool(args.sweep))
     metrics["machine"] = {"load_before": load_before, "load_after": machine_load(), "cpus": os.cpu_count(),

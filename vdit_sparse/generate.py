@@ -181,6 +181,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     import torch
     from omegaconf import OmegaConf
 
+    from . import parallel
     from .integration import accelerate
     from .loading import load_pipeline, resolve_device, resolve_dtype
     from .stats import summarize
@@ -193,6 +194,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     if pipe is None:
         pipe = load_pipeline(m.name, device=device, dtype=dtype)
     check_video_size(pipe, m.frames, m.height, m.width)
+    parallel.enable(pipe)  # under torchrun with --ulysses-degree N; nothing otherwise
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
     restore_backend = use_dense_backend(pipe, cfg.get("dense_backend"))
     try:
@@ -225,6 +227,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     config = OmegaConf.to_container(cfg, resolve=True)
     config["device"], config["dtype"] = str(device), str(dtype).removeprefix("torch.")
     config["settings"] = settings.as_dict()  # every setting the run used, defaults included
+    config["ulysses_degree"] = parallel.degree()
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,
         attention_ms=summary["attention_ms"], density=summary["density"] if table else 1.0,
@@ -314,6 +317,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer around our attention")
     p.add_argument("--dense-backend", dest="dense_backend",
                    help="diffusers attention backend for the dense calls: native (default), xformers, flash, sage, ...")
+    p.add_argument("--ulysses-degree", dest="ulysses_degree", type=int, default=1,
+                   help="GPUs sharing each video (Ulysses); run under torchrun --nproc-per-node N (default 1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="Hydra overrides, e.g. attention.top_p=0.95 (any setting: " + settings_help() + ")")
 

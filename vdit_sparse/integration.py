@@ -20,9 +20,10 @@ from .attention import run_method
 from .caches import parse_cache
 from .methods import METHODS, AttentionContext
 from .pipelines import adapter_for
+from .pipelines.ulysses import check_supported, context_parallel
 from .policy import Policy
 from .settings import settings_for
-from .stats import Stats, Timer, summarize
+from .stats import Stats, Timer, gather_ranks, summarize
 
 HOOK_NAME = "vdit_sparse"
 
@@ -87,6 +88,46 @@ def scheduler_steps(pipe) -> int | None:
     return len(timesteps) if timesteps is not None else None
 
 
+class HandleEntry:
+    """What a processor holds: the handle's hot path, callable as ``attend(layer, q, k, v, dense_fn, ...)``."""
+
+    def __init__(self, handle: "AccelerateHandle"):
+        self.handle = handle
+
+    # One graph break per self-attention call under torch.compile: the policy and the method's
+    # planning are per-step Python and data-dependent; everything around it compiles.
+    @torch.compiler.disable
+    def __call__(self, layer, q, k, v, dense_fn, dense: bool = False, heads=None):
+        return self.handle._attend(layer, q, k, v, dense_fn, dense, heads)
+
+    @torch.compiler.disable
+    def needs_full_sequence(self, layer: int) -> bool:
+        return self.handle._needs_full_sequence(layer)
+
+
+def context_parallel_config(transformer):
+    """The transformer's ParallelConfig when it runs context parallelism (diffusers records it there), else None."""
+    config = getattr(transformer, "_parallel_config", None)
+    return config if getattr(config, "context_parallel_config", None) is not None else None
+
+
+def check_context_parallel(transformer, policy: Policy) -> None:
+    """Refuse now what the processors would refuse at the first call: a plan under ring attention, or heads
+    that do not divide among the Ulysses ranks."""
+    cp = context_parallel(context_parallel_config(transformer))
+    if cp is not None and (policy.method != "dense" or policy.layers or "tileskip" in policy.cache.split("+")):
+        check_supported(cp, transformer.config.num_attention_heads, f"{type(transformer).__name__}")
+
+
+def ulysses_group(models):
+    """The process group of the Ulysses ranks of ``models`` (the first that has one), or None."""
+    for model in models:
+        cp = getattr(context_parallel_config(model), "context_parallel_config", None)
+        if cp is not None and cp.ulysses_degree > 1:
+            return cp._ulysses_mesh.get_group()
+    return None
+
+
 class LayerStates:
     """One method state per (branch, model, layer), as diffusers' StateManager keeps one per context."""
 
@@ -115,9 +156,13 @@ class _Wiring:
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         if registry.get_hook(HOOK_NAME) is not None:
             raise ValueError(f"pipe.{name}: already accelerated; call .remove() on the earlier handle first")
+        check_context_parallel(transformer, handle.policy)
         for layer, module in adapter.self_attention(transformer):
             self.originals.append((module, module.processor))
-            module.set_processor(adapter.processor(handle.entry(name), layer, module.processor))
+            processor = adapter.processor(handle.entry(name), layer, module.processor)
+            # enabled before us on a stock processor without the attribute (CogVideoX's): the model has it
+            processor._parallel_config = processor._parallel_config or context_parallel_config(transformer)
+            module.set_processor(processor)
         registry.register_hook(_StepHook(handle, name, adapter), HOOK_NAME)
         registry.invalidate_child_registries_cache()
         self.models.append(transformer)
@@ -128,6 +173,8 @@ class _Wiring:
 
     def remove(self) -> None:
         for module, original in self.originals:
+            if hasattr(original, "_parallel_config"):  # enable_parallelism after accelerate set it on ours only
+                original._parallel_config = getattr(module.processor, "_parallel_config", original._parallel_config)
             module.set_processor(original)
         for model in self.models:
             model._compiled_call_impl = None  # undo nn.Module.compile
@@ -171,22 +218,26 @@ class AccelerateHandle:
             self._stats.clear()
 
     # --- the hot path -----------------------------------------------------------------------------
-    def entry(self, model: str):
-        """What a processor calls: ``attend(layer, q, k, v, dense_fn, dense=False)``, tensors (B, N, H, D)."""
+    def entry(self, model: str) -> "HandleEntry":
+        """What a processor calls: ``attend(layer, q, k, v, dense_fn, dense=False, heads=None)``, (B, N, H, D)."""
+        return HandleEntry(self)
 
-        # One graph break per self-attention call under torch.compile: the policy and the method's
-        # planning are per-step Python and data-dependent; everything around it compiles.
-        @torch.compiler.disable
-        def attend(layer, q, k, v, dense_fn, dense: bool = False):
-            return self._attend(layer, q, k, v, dense_fn, dense)
-
-        return attend
-
-    def _attend(self, layer, q, k, v, dense_fn, dense=False):
-        """``dense=True``: the processor needs the stock call (an input no plan can express); it is recorded."""
+    def _call(self) -> AttentionContext:
         if self._current is None:
             raise RuntimeError("vdit_sparse: self-attention ran outside a transformer forward; the step hook is missing")
-        ctx = dataclasses.replace(self._current, layer=layer)
+        return self._current
+
+    def _needs_full_sequence(self, layer: int) -> bool:
+        """Whether this call plans (a method or tile-skip runs) or is observed: its q, k, v must then hold
+        the whole sequence, which under Ulysses the processor exchanges for."""
+        ctx = self._call()
+        method, _, cache = self.policy.resolve(layer, ctx.step, ctx.num_steps)
+        return method != "dense" or "tileskip" in cache.split("+") or bool(self._observers)
+
+    def _attend(self, layer, q, k, v, dense_fn, dense=False, heads=None):
+        """``dense=True``: the processor needs the stock call (an input no plan can express); it is recorded.
+        ``heads``: (first, total) when q, k, v hold some of the model's heads (a Ulysses rank)."""
+        ctx = dataclasses.replace(self._call(), layer=layer, heads=heads)
         ctx.state = self.states.get(ctx)
         method, settings, cache = ("dense", None, "none") if dense else self.policy.resolve(layer, ctx.step, ctx.num_steps)
         timer = Timer(q.device)
@@ -197,7 +248,7 @@ class AccelerateHandle:
         out = dense_fn(q, k, v) if out is None else out.transpose(1, 2)  # (B, N, H, D)
         density = info["density"].mean() if "density" in info else 1.0  # tensors: read at stats()
         self._stats.record(timer.stop(), step=ctx.step, layer=layer, branch=ctx.branch, model=ctx.model,
-                           method=method, density=density, **info.get("stats", {}))
+                           method=method, density=density, heads=q.shape[2], **info.get("stats", {}))
         for observer in self._observers:
             observer(ctx, qt, kt, vt, out.transpose(1, 2), dense)
         return out
@@ -216,8 +267,12 @@ class AccelerateHandle:
         return self._current
 
     def stats(self) -> list[dict]:
-        """One dict per self-attention call of the latest run: step, layer, branch, model, method, density, ms."""
-        return self._stats.table() if self._stats.rows else self._last_run
+        """One dict per self-attention call of the latest run: step, layer, branch, model, method, density,
+        heads, ms. Under Ulysses every rank must call it (before ``remove()``): each call's density is
+        averaged over the heads of all ranks, ms is the slowest rank's."""
+        table = self._stats.table() if self._stats.rows else self._last_run
+        group = ulysses_group(self._wiring.models)
+        return table if group is None else gather_ranks(table, group)
 
     def summary(self) -> dict:
         return summarize(self.stats())

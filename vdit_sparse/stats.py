@@ -54,6 +54,27 @@ class Stats:
         self.rows.clear()
 
 
+def gather_ranks(table: list[dict], group) -> list[dict]:
+    """Every Ulysses rank's table merged into each (ranks make the same calls on their own heads):
+    per call, the density averaged over the heads of all ranks and the slowest rank's ms. A collective:
+    every rank of ``group`` calls it; plain numbers travel, once per read, never on the hot path."""
+    import torch.distributed as dist
+
+    mine = [(r["density"], r.get("heads", 1), r["ms"]) for r in table]
+    ranks: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ranks, mine, group=group)
+    if any(len(other) != len(mine) for other in ranks):
+        counts = [len(other) for other in ranks]
+        raise RuntimeError(f"stats: the Ulysses ranks recorded {counts} calls; they must make the same calls")
+    merged = []
+    for i, row in enumerate(table):
+        calls = [other[i] for other in ranks]  # (density, heads, ms) of this call on each rank
+        heads = sum(h for _, h, _ in calls)
+        density = sum(d * h for d, h, _ in calls) / heads
+        merged.append({**row, "density": density, "heads": heads, "ms": max(ms for _, _, ms in calls)})
+    return merged
+
+
 def summarize(table: list[dict]) -> dict:
     """Mean realised density and total attention time over a run's calls."""
     if not table:

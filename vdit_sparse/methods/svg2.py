@@ -97,7 +97,17 @@ def segment_plan(q_labels, k_labels, q_sizes, k_sizes, selected, batch: int, hea
     return from_clusters(q_labels, k_labels, q_sizes, k_sizes, selected, batch, heads)
 
 
-def _clusters(q, k, counts, shape, state, params):
+def head_sets(batch: int, heads: int, head_range, device) -> tuple[int, torch.Tensor] | None:
+    """(total, index (B·H,)) of this call's (batch, head) point sets among the model's, or None when the call
+    holds every head; ``head_range`` is the context's (first, total), set on a Ulysses rank."""
+    if head_range is None:
+        return None
+    first, total = head_range
+    index = torch.arange(batch)[:, None] * total + first + torch.arange(heads)[None, :]  # (B, H)
+    return batch * total, index.flatten().to(device)
+
+
+def _clusters(q, k, counts, shape, state, params, sets=None):
     """Warm- or cold-started k-means on q and k (G, V, D), remembered in ``state``.
 
     Returns the q and k KMeansResults, the iterations run, and each head's segment identity (G,) int64:
@@ -107,8 +117,8 @@ def _clusters(q, k, counts, shape, state, params):
     key = (shape, counts, str(q.device))  # any other problem than the stored one starts cold
     warm = state.get("key") == key
     iters = params.kmeans_iters_step if warm else params.kmeans_iters_first
-    q_km = kmeans(q, counts[0], iters, init=state["q_centroids"] if warm else None)
-    k_km = kmeans(k, counts[1], iters, init=state["k_centroids"] if warm else None, seed=1)
+    q_km = kmeans(q, counts[0], iters, init=state["q_centroids"] if warm else None, sets=sets)
+    k_km = kmeans(k, counts[1], iters, init=state["k_centroids"] if warm else None, seed=1, sets=sets)
     if warm:
         state["reseeds"] = state["reseeds"] + q_km.reseeded + k_km.reseeded
     else:
@@ -148,7 +158,8 @@ class SVG2(Method):
         kv = k[:, :, video].reshape(G, V, D)
         counts = cluster_counts(V, params.num_q_clusters, params.num_k_clusters)
         state = ctx.state.setdefault("svg2", {})
-        q_km, k_km, iters, identity = _clusters(qv, kv, counts, (B, H, V, D), state, params)
+        sets = head_sets(B, H, ctx.heads, q.device)
+        q_km, k_km, iters, identity = _clusters(qv, kv, counts, (B, H, V, D), state, params, sets)
         q_labels, k_labels = q_km.labels, k_km.labels  # (G, V) int32
         q_sizes, k_sizes = cluster_sizes(q_labels, counts[0]), cluster_sizes(k_labels, counts[1])  # (G, C)
 

@@ -87,6 +87,8 @@ def check_args(args) -> None:
         raise UserError(f"--cache: {e}") from None
     if args.tuned:
         raise UserError(f"--tuned {args.tuned!r}: tune writes a table and does not start from one; drop --tuned")
+    if args.ulysses_degree != 1:  # calibration observes every head of a layer in one process
+        raise UserError(f"--ulysses-degree {args.ulysses_degree}: tune runs on one device; drop the flag")
     if args.sampled_steps < 1 or args.rounds < 1:
         raise UserError(f"--sampled-steps {args.sampled_steps} / --rounds {args.rounds}: must be positive integers")
     _check_knob(args)
