@@ -68,6 +68,9 @@ class CogVideoXAdapter(Adapter):
     text = "before"
     batched_cfg = True  # "cond_uncond": one call
     processor = CogVideoXJointAttnProcessor
+    unsupported_caches = {
+        "seacache": "diffusers' SeaCache (0.42) never reuses its residual on this family: measured, nothing skipped",
+    }
 
     @classmethod
     def context_parallel_plan(cls) -> dict:

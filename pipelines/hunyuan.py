@@ -122,6 +122,10 @@ class HunyuanVideoAdapter(Adapter):
     forward_args = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
     text = "after"
     processor = HunyuanJointAttnProcessor
+    unsupported_caches = {
+        **Adapter.unsupported_caches,
+        "seacache": "diffusers' SeaCache (0.42) never reuses its residual on this family: measured, nothing skipped",
+    }
 
     @classmethod
     def context_parallel_plan(cls) -> dict:

@@ -156,9 +156,6 @@ class FasterCache(StepCache):
     def config(self, pipe, adapter, num_steps):
         from diffusers import FasterCacheConfig
 
-        if not adapter.batched_cfg:
-            raise ValueError(f"cache='fastercache': needs a pipeline that runs the guidance branches in one batch "
-                             f"(CogVideoX); {adapter.family} runs them apart; use fbcache, magcache or pab")
         return FasterCacheConfig(
             spatial_attention_block_skip_range=self.block_skip_range,
             spatial_attention_timestep_skip_range=tuple(self.timestep_skip_range),

@@ -46,7 +46,7 @@ OWN_ENTRIES = ("comparison.json", "metrics.json", "report.md", "report.html", "r
 STAT_KEYS = ("step", "layer", "branch", "model", "method", "density", "ms")  # what a stored run keeps per call
 MEAN_SCALARS = (
     "speedup", "psnr", "ssim", "lpips", "density", "attention_speedup", "psnr_float", "ssim_float",
-    "wall_s", "reference_wall_s", "attention_ms", "reference_attention_ms",
+    "wall_s", "reference_wall_s", "attention_ms", "reference_attention_ms", "computed_share",
 )
 MEAN_DICTS = ("vbench", "vbench_reference", "prompt_following", "prompt_following_reference")
 
@@ -163,7 +163,10 @@ def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
 
     Hydra overrides of the attention or cache groups belong to the accelerated run only.
     """
-    keep = tuple(o for o in base.overrides if not o.lstrip("+~").startswith(("attention", "cache", "tuned")))
+    from .caches import STEP_CACHES
+
+    own = ("attention", "cache", "tuned", *STEP_CACHES)  # what belongs to the accelerated run only
+    keep = tuple(o for o in base.overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in own)
     return replace(base, attention=against, cache="none", settings={}, tuned=None, overrides=keep)
 
 
@@ -234,6 +237,7 @@ class RunStore:
                 "density": None if result.density is None else float(result.density),
                 "stats": [{k: r[k] for k in STAT_KEYS if k in r} for r in result.stats],
                 "config": result.config, "session": SESSION, "timing_reference": timing_reference,
+                "computed": getattr(result, "computed", []) or [],
             }
             (tmp / "result.json").write_text(metrics_json(meta), encoding="utf-8")
             try:
@@ -252,7 +256,7 @@ class RunStore:
             frames=np.load(d / "frames.npy", mmap_mode="r"),
             frames_float=np.load(d / "frames_float.npy", mmap_mode="r"),
             wall_s=meta["wall_s"], attention_ms=meta["attention_ms"], density=meta["density"],
-            stats=meta["stats"], config=meta["config"],
+            stats=meta["stats"], config=meta["config"], computed=meta.get("computed") or [],
         )
         result.timing_reference = meta.get("timing_reference")
         return result
@@ -376,10 +380,17 @@ def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: boo
         "wall_s": acc.wall_s, "reference_wall_s": timed.get("wall_s"), "device": (acc.config or {}).get("device"),
         "attention_ms": acc.attention_ms, "reference_attention_ms": timed.get("attention_ms"),
         "requested_density": _requested_density(pair.accelerated, acc),
+        "computed_share": _computed_share(acc),
     }
     entry.update(q)
     entry.update({"run": pair.acc_key, "reference_run": pair.ref_key})
     return entry
+
+
+def _computed_share(acc: GenerationResult):
+    """Share of self-attention layers that ran, over the run's transformer calls (the rest: a step-level cache)."""
+    computed = getattr(acc, "computed", None) or []
+    return sum(c["computed"] for c in computed) / len(computed) if computed else None
 
 
 def _requested_density(req: GenerateRequest, acc: GenerationResult):
@@ -535,7 +546,7 @@ def _compare(args, pairs: list[Pair], report: Path, generate_fn) -> int:
     for p, e in zip(pairs, entries):
         ref, acc = cache.load(p.ref_key), runs.load(p.acc_key)
         fps = args.fps or _model_fps(acc.config)
-        shown.append(ReportEntry(e, ref.frames, acc.frames, acc.stats, fps=fps))
+        shown.append(ReportEntry(e, ref.frames, acc.frames, acc.stats, fps=fps, computed=acc.computed))
     methods = ", ".join(dict.fromkeys(p.accelerated.attention for p in pairs))
     title = f"vdit-sparse: {methods} against {args.against}"
     paths = write_report(report, metrics, shown, title=title)

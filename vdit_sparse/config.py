@@ -53,10 +53,22 @@ def compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    for group in ("attention", "cache", "model"):
+    from .caches import parse_cache
+
+    overrides = list(overrides)
+    for group in ("attention", "model"):
         for o in overrides:
             if o.startswith(f"{group}=") and o.split("=", 1)[1] not in group_options(group):
                 raise UserError(f"{group}={o.split('=', 1)[1]!r}: unknown; known: {', '.join(group_options(group))}")
+    cache = None
+    for i, o in enumerate(overrides):
+        if o.startswith("cache="):
+            cache = o.split("=", 1)[1]
+            try:
+                tileskip, step = parse_cache(cache)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            overrides[i] = f"cache={step or ('tileskip' if tileskip else 'none')}"  # one YAML per cache; combos below
     # configs/tuned/ holds tables, not a config group: Hydra would refuse `tuned=NAME`, so set it after
     tuned = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.lstrip("+").startswith("tuned=")]
     overrides = [o for o in overrides if not o.lstrip("+").startswith("tuned=")]
@@ -68,6 +80,8 @@ def compose(overrides: list[str]):
         raise UserError(f"config overrides {' '.join(overrides)!r}: {first}") from None
     if tuned:
         cfg.tuned = None if tuned[-1] in ("null", "") else tuned[-1]
+    if cache is not None:
+        cfg.cache.name = cache  # tileskip+<step cache>: the step cache's YAML, the combined name
     return cfg
 
 
@@ -86,19 +100,34 @@ def find_tuned_table(name_or_path: str) -> Path:
                     f"known: {', '.join(tuned_names()) or 'none yet'}")
 
 
-def load_tuned_table(name_or_path: str) -> dict:
-    """A per-layer table ``{layer: {setting: value}}`` from a tuned YAML (see :func:`find_tuned_table`)."""
+def _read_tuned(name_or_path: str) -> tuple[Path, object]:
+    """(path, parsed YAML) of a tuned table; YAML that does not parse is a one-line error naming the file."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
     path = find_tuned_table(name_or_path)
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        return path, OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"tuned table {path}: not valid YAML ({first})") from None
+
+
+def load_tuned_table(name_or_path: str) -> dict:
+    """A per-layer table ``{layer: {setting: value}}`` from a tuned YAML (see :func:`find_tuned_table`)."""
+    path, data = _read_tuned(name_or_path)
     layers = data.get("layers", data) if isinstance(data, dict) else None
     if not isinstance(layers, dict) or not all(str(k).lstrip("-").isdigit() for k in layers):
         raise UserError(f"tuned table {path}: expected a mapping 'layers: {{LAYER: {{setting: value}}}}'")
     return {int(k): v for k, v in layers.items()}
+
+
+def load_tuned_caches(name_or_path: str) -> dict[str, dict]:
+    """The ``caches`` section of a tuned table: step-level cache settings measured for the model, e.g.
+    ``{"magcache": {"mag_ratios": [...]}}`` (written by ``vdit-sparse tune --cache magcache``)."""
+    path, data = _read_tuned(name_or_path)
+    caches = data.get("caches", {}) if isinstance(data, dict) else {}
+    if not isinstance(caches, dict) or not all(isinstance(v, dict) for v in caches.values()):
+        raise UserError(f"tuned table {path}: 'caches' must map a cache name to its settings")
+    return caches

@@ -67,12 +67,18 @@ class GenerationResult:
     stats: list[dict]
     config: dict
     compile_s: float | None = None  # the one-step warm-up run that compiled the transformer
+    computed: list = field(default_factory=list)  # per transformer call: the layers that ran (handle.computed())
 
 
 def _group_override(o: str) -> str:
-    """``attention.KEY=V`` / ``cache.KEY=V``: added to the group (its YAML holds only the name); checked later."""
+    """``attention.KEY=V`` / ``cache.KEY=V``: added to the group (its YAML holds only the name); checked later.
+    A step cache's own setting may be written without the group: ``magcache.threshold=0.1``."""
+    from .caches import STEP_CACHES
+
     key = o.split("=", 1)[0].lstrip("+")
     group, _, name = key.partition(".")
+    if group in STEP_CACHES and name:
+        return f"++cache.{key}={o.split('=', 1)[1]}"
     if group in ("attention", "cache") and name and name != "name":
         return f"++{key}={o.split('=', 1)[1]}"
     return o
@@ -89,19 +95,48 @@ def resolve(req: GenerateRequest):
     return compose(req.hydra_overrides())
 
 
-def run_settings(cfg, req: GenerateRequest | None = None):
-    """The run's typed settings: the request's flags, then the config's attention.* / cache.* keys on top."""
+def _given_settings(cfg, req: GenerateRequest | None) -> tuple[dict, dict]:
+    """(method and tile-skip settings, step-cache settings by cache): the request's flags, then the config's
+    attention.* / cache.* keys on top."""
     from omegaconf import OmegaConf
 
-    from .settings import settings_for
+    from .caches import split_step_cache_settings
 
     given = dict(req.settings) if req is not None else {}
     for group in ("attention", "cache"):
         given.update({k: v for k, v in OmegaConf.to_container(cfg[group]).items() if k != "name"})
+    return split_step_cache_settings(given)
+
+
+def run_settings(cfg, req: GenerateRequest | None = None):
+    """The run's typed settings (vdit_sparse.settings), checked against the method and the cache."""
+    from .settings import settings_for
+
     try:
-        return settings_for(cfg.attention.name, given, cfg.cache.name)
+        return settings_for(cfg.attention.name, _given_settings(cfg, req)[0], cfg.cache.name)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def run_step_cache_settings(cfg, req: GenerateRequest | None = None) -> dict[str, dict]:
+    """The step-level cache's settings as accelerate() takes them ({"magcache.threshold": ..}), checked now
+    (with a tuned table's measured ones); MagCache gets the run's step count."""
+    from .caches import parse_cache, step_cache_settings
+
+    caches = _given_settings(cfg, req)[1]
+    _, name = parse_cache(cfg.cache.name)
+    if name == "magcache":
+        caches.setdefault("magcache", {}).setdefault("num_inference_steps", cfg.model.steps)
+    try:
+        tuned = {}
+        if cfg.get("tuned"):
+            from .config import load_tuned_caches
+
+            tuned = load_tuned_caches(cfg.tuned)
+        step_cache_settings(cfg.cache.name, caches, tuned)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return {f"{c}.{k}": v for c, values in caches.items() for k, v in values.items()}
 
 
 # The model group's keys and the types they take (Hydra reads "abc" or "3" as it sees fit).
@@ -124,6 +159,7 @@ def check_run(cfg, req: GenerateRequest | None = None):
         raise UserError(f"steps={cfg.model.steps!r}: must be a positive integer")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
+    run_step_cache_settings(cfg, req)
     if cfg.get("tuned"):
         from .config import load_tuned_table
 
@@ -200,7 +236,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     try:
         handle = accelerate(
             pipe, attention=cfg.attention.name, cache=cfg.cache.name, tuned=cfg.tuned, compile=cfg.compile,
-            **settings.changed(),
+            **settings.changed(), **run_step_cache_settings(cfg, req),
         )
     except ValueError as e:
         restore_backend()
@@ -217,7 +253,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
         # with compile, a one-step run first pays the compilation, reported apart from the generation
         compile_s = call(1)[1] if cfg.compile else None
         frames_float, wall = call(m.steps)
-        table = handle.stats()
+        table, computed = handle.stats(), handle.computed()
     finally:
         handle.remove()
         restore_backend()
@@ -231,7 +267,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,
         attention_ms=summary["attention_ms"], density=summary["density"] if table else 1.0,
-        stats=table, config=config, compile_s=compile_s,
+        stats=table, config=config, compile_s=compile_s, computed=computed,
     )
 
 
@@ -284,6 +320,8 @@ def sidecar(result: GenerationResult) -> dict:
         "attention_ms": round(result.attention_ms, 3),
         "density": result.density,
         "density_per_layer": density_by_layer(result.stats),
+        "computed_share": (sum(c["computed"] for c in result.computed) / len(result.computed)) if result.computed else None,
+        "computed": result.computed,  # per transformer call: the self-attention layers that ran (the rest: a step cache)
         "frames": list(result.frames.shape),
     }
 

@@ -68,6 +68,7 @@ class _StepHook(ModelHook):
             num_steps = scheduler_steps(self.handle.pipe)
         layout = self.adapter.layout(module, args, kwargs)
         self.handle._current = AttentionContext(layout, step=int(step), num_steps=num_steps, branch=branch, model=self.model)
+        self.handle._record_call(self.model, branch, int(step), num_steps)
         state.calls += 1
 
     def post_forward(self, module, output):
@@ -150,9 +151,25 @@ class _Wiring:
     def __init__(self):
         self.originals: list[tuple[torch.nn.Module, object]] = []
         self.models: list[torch.nn.Module] = []
+        self.layers: dict[str, int] = {}  # self-attention layers per model
+        self.cached: list[torch.nn.Module] = []  # transformers we enabled a step-level cache on
+
+    def enable_step_cache(self, pipe, step_cache, num_steps: int | None) -> None:
+        """diffusers' own step-level cache hooks on every transformer (``transformer.enable_cache``)."""
+        for model in self.models:
+            if model.is_cache_enabled:
+                raise ValueError(f"{type(model).__name__}: a diffusers cache is enabled already ({type(model._cache_config).__name__}); "
+                                 "disable it (transformer.disable_cache()) or leave cache= to us")
+            adapter = adapter_for(model)
+            if step_cache.name in adapter.unsupported_caches:
+                raise ValueError(f"cache={step_cache.name!r}: not for {adapter.family}: "
+                                 f"{adapter.unsupported_caches[step_cache.name]}; use fbcache, magcache, taylorseer or pab")
+            model.enable_cache(step_cache.config(pipe, adapter, num_steps))
+            self.cached.append(model)
 
     def install(self, name: str, transformer, handle: "AccelerateHandle") -> None:
         adapter = adapter_for(transformer)
+        self.layers[name] = len(adapter.self_attention(transformer))
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         if registry.get_hook(HOOK_NAME) is not None:
             raise ValueError(f"pipe.{name}: already accelerated; call .remove() on the earlier handle first")
@@ -172,6 +189,9 @@ class _Wiring:
             model.compile(backend=backend)
 
     def remove(self) -> None:
+        for model in self.cached:
+            model.disable_cache()
+        self.cached.clear()
         for module, original in self.originals:
             if hasattr(original, "_parallel_config"):  # enable_parallelism after accelerate set it on ours only
                 original._parallel_config = getattr(module.processor, "_parallel_config", original._parallel_config)
@@ -188,14 +208,16 @@ class _Wiring:
 class AccelerateHandle:
     """What ``accelerate`` returns: the run's state, its stats, ``observe()`` and ``remove()``."""
 
-    def __init__(self, pipe, policy: Policy):
-        self.pipe, self.policy = pipe, policy
+    def __init__(self, pipe, policy: Policy, step_cache=None):
+        self.pipe, self.policy, self.step_cache = pipe, policy, step_cache
         self.methods = {name: cls() for name, cls in METHODS.items()}  # built once: methods keep no state
         self.states = LayerStates()
         self._current: AttentionContext | None = None
         self._stats = Stats()
         self._last_run: list[dict] = []
         self._observers: list = []
+        self._calls: list[tuple[str, str, int]] = []  # (model, branch, step) of every transformer call of the run
+        self._last_calls: list[tuple[str, str, int]] = []
         self._wiring = _Wiring()
         self.removed = False
 
@@ -216,6 +238,15 @@ class AccelerateHandle:
         if self._stats.rows:  # two-expert pipelines reset each transformer: keep the first snapshot
             self._last_run = self._stats.table()
             self._stats.clear()
+        if self._calls:
+            self._last_calls, self._calls = self._calls, []
+
+    def _record_call(self, model: str, branch: str, step: int, num_steps: int | None) -> None:
+        self._calls.append((model, branch, step))
+        planned = getattr(self.step_cache, "num_inference_steps", None)
+        if planned is not None and num_steps is not None and planned != num_steps:
+            raise ValueError(f"magcache.num_inference_steps={planned}, but this run has {num_steps} steps; "
+                             "accelerate again with the run's step count")
 
     # --- the hot path -----------------------------------------------------------------------------
     def entry(self, model: str) -> "HandleEntry":
@@ -274,8 +305,26 @@ class AccelerateHandle:
         group = ulysses_group(self._wiring.models)
         return table if group is None else gather_ranks(table, group)
 
+    def computed(self) -> list[dict]:
+        """Per transformer call of the latest run (model, branch, step): which self-attention layers ran and the
+        share that did; the others were served by a step-level cache (their blocks or attention were skipped)."""
+        calls = self._calls or self._last_calls
+        ran: dict[tuple, set] = {}
+        for row in self.stats():
+            ran.setdefault((row["model"], row["branch"], row["step"]), set()).add(row["layer"])
+        out = []
+        for model, branch, step in calls:
+            layers = sorted(ran.get((model, branch, step), ()))
+            total = self._wiring.layers.get(model, 0)
+            out.append({"model": model, "branch": branch, "step": step, "layers": layers,
+                        "computed": len(layers) / total if total else 1.0})
+        return out
+
     def summary(self) -> dict:
-        return summarize(self.stats())
+        out = summarize(self.stats())
+        computed = self.computed()
+        out["computed"] = sum(c["computed"] for c in computed) / len(computed) if computed else None
+        return out
 
 
 def transformers_of(pipe) -> list[tuple[str, torch.nn.Module]]:
@@ -292,20 +341,29 @@ def accelerate(
 ) -> AccelerateHandle:
     """Swap the self-attention of ``pipe``'s transformer(s) for vdit-sparse's; returns the handle.
 
-    ``attention``: a method name (``vdit_sparse.methods.METHODS``); ``cache``: none or tileskip;
-    ``tuned``: a per-layer table (a dict ``{layer: {setting: value}}``, or the name/path of a tuned
-    YAML); ``settings``: the method's settings by their canonical names (density, top_p,
-    warmup_steps, dense_layers, ...), defaults from the method's settings class, the same ones the
-    CLI uses. ``compile``: True (inductor) or a torch.compile backend name: the transformers are
-    compiled in place, with one graph break per self-attention call; ``remove()`` undoes it.
+    ``attention``: a method name (``vdit_sparse.methods.METHODS``); ``cache``: none, tileskip, a diffusers
+    step-level cache (fbcache, magcache, taylorseer, fastercache, pab, seacache) or tileskip+<step cache>;
+    ``tuned``: a per-layer table (a dict ``{layer: {setting: value}}``, or the name/path of a tuned YAML,
+    whose ``caches`` section may hold e.g. MagCache's measured ratios); ``settings``: the method's settings
+    by their canonical names (density, top_p, warmup_steps, dense_layers, threshold, ...), defaults from
+    the method's settings class, the same ones the CLI uses; a step cache's own settings are namespaced,
+    ``**{"magcache.threshold": 0.1}`` or ``magcache={"threshold": 0.1}``. ``compile``: True (inductor) or
+    a torch.compile backend name: the transformers are compiled in place, with one graph break per
+    self-attention call. ``remove()`` undoes all of it, bit for bit.
     """
+    from .caches import split_step_cache_settings, step_cache_settings
+
     parse_cache(cache)
-    resolved = settings_for(attention, settings, cache)
-    table = _load_tuned(tuned) if tuned is not None else None
-    handle = AccelerateHandle(pipe, Policy.build(attention, resolved, cache, table))
+    plain, cache_settings = split_step_cache_settings(settings)
+    resolved = settings_for(attention, plain, cache)
+    table, tuned_caches = _load_tuned(tuned) if tuned is not None else (None, {})
+    step_cache = step_cache_settings(cache, cache_settings, tuned_caches)
+    handle = AccelerateHandle(pipe, Policy.build(attention, resolved, cache, table), step_cache)
     try:
         for name, transformer in transformers_of(pipe):
             handle._wiring.install(name, transformer, handle)
+        if step_cache is not None:
+            handle._wiring.enable_step_cache(pipe, step_cache, getattr(step_cache, "num_inference_steps", None))
         if compile:
             handle._wiring.compile("inductor" if compile is True else compile)
     except Exception:
@@ -314,9 +372,10 @@ def accelerate(
     return handle
 
 
-def _load_tuned(tuned) -> dict:
+def _load_tuned(tuned) -> tuple[dict, dict]:
+    """(per-layer table, step-cache settings) of a tuned table given as a dict or by name/path."""
     if isinstance(tuned, dict):
-        return tuned
-    from .config import load_tuned_table
+        return tuned, {}
+    from .config import load_tuned_caches, load_tuned_table
 
-    return load_tuned_table(tuned)
+    return load_tuned_table(tuned), load_tuned_caches(tuned)

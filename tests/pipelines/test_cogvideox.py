@@ -121,17 +121,24 @@ def test_sparse_text_rows_equal_dense_rows(pipe, methods):
     assert (n, layout) == (TEXT + 48, VideoLayout(3, 4, 4, text_tokens=TEXT, text_position="before"))
 
 
-@pytest.mark.parametrize("version", sorted(VERSIONS))
-def test_pipeline_cfg_batch_sparse_run_then_remove_is_bit_identical(version, methods):
-    pipe = build_pipeline(version)
+def pipeline_generate(pipe, steps: int = 2):
+    """``generate()`` of one fixed prompt (embeddings, with guidance: one batched call per step): latents out."""
     g = torch.Generator().manual_seed(2)
     prompt = dict(
         prompt_embeds=torch.randn(1, TEXT, 16, generator=g), negative_prompt_embeds=torch.randn(1, TEXT, 16, generator=g)
     )
 
     def generate():
-        return pipe(**prompt, height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=6.0,
+        return pipe(**prompt, height=64, width=64, num_frames=9, num_inference_steps=steps, guidance_scale=6.0,
                     output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    return generate
+
+
+@pytest.mark.parametrize("version", sorted(VERSIONS))
+def test_pipeline_cfg_batch_sparse_run_then_remove_is_bit_identical(version, methods):
+    pipe = build_pipeline(version)
+    generate = pipeline_generate(pipe)
 
     table = check_sparse_run_then_remove(pipe, generate)
     # cond and uncond run as one batch: one branch, counted steps

@@ -127,7 +127,8 @@ def test_prompts_padded_to_different_lengths_run_dense(transformer, methods):
     assert VideoDiagonalText.seen == []
 
 
-def test_pipeline_sparse_run_then_remove_is_bit_identical(transformer, methods):
+def build_pipeline(transformer):
+    """A HunyuanVideoPipeline around ``transformer`` with a tiny random VAE; prompts go in as embeddings."""
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
     torch.manual_seed(0)
@@ -140,6 +141,11 @@ def test_pipeline_sparse_run_then_remove_is_bit_identical(transformer, methods):
         text_encoder_2=None, tokenizer_2=None,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_generate(pipe, steps: int = 2):
+    """``generate()`` of one fixed prompt (embeddings), seed and size: latents out."""
     kw = inputs()
     prompt = dict(
         prompt_embeds=kw["encoder_hidden_states"], prompt_attention_mask=kw["encoder_attention_mask"],
@@ -147,11 +153,16 @@ def test_pipeline_sparse_run_then_remove_is_bit_identical(transformer, methods):
     )
 
     def generate():
-        out = pipe(**prompt, height=64, width=64, num_frames=9, num_inference_steps=2, output_type="latent",
+        out = pipe(**prompt, height=64, width=64, num_frames=9, num_inference_steps=steps, output_type="latent",
                    generator=torch.Generator().manual_seed(0))
         return out.frames
 
-    table = check_sparse_run_then_remove(pipe, generate)
+    return generate
+
+
+def test_pipeline_sparse_run_then_remove_is_bit_identical(transformer, methods):
+    pipe = build_pipeline(transformer)
+    table = check_sparse_run_then_remove(pipe, pipeline_generate(pipe))
     assert {(r["step"], r["branch"], r["layer"]) for r in table} == {(s, "cond", l) for s in (0, 1) for l in (0, 1)}
 
 

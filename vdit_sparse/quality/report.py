@@ -32,6 +32,7 @@ class ReportEntry:
     accelerated: np.ndarray  # (T, H, W, 3) uint8
     stats: list[dict] = field(default_factory=list)  # the accelerated run's attention calls
     fps: float = 8.0
+    computed: list[dict] = field(default_factory=list)  # per transformer call: the layers that ran
 
 
 def density_matrix(stats: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -55,6 +56,25 @@ def density_matrix(stats: list[dict]) -> tuple[list[str], np.ndarray]:
         matrix = total / count
     labels = [f"{m}.{layer}" if len(models) > 1 else str(layer) for m, layer in rows]
     return labels, matrix
+
+
+def computed_matrix(computed: list[dict], layers: list[str]) -> np.ndarray:
+    """(layers, steps): the share of the run's transformer calls (branches) at each step in which each layer ran;
+    1 everywhere without a step-level cache. ``layers`` are density_matrix's labels."""
+    if not computed or not layers:
+        return np.zeros((0, 0))
+    steps = 1 + max(int(c["step"]) for c in computed)
+    models = {c["model"] for c in computed}
+    index = {label: i for i, label in enumerate(layers)}
+    ran, calls = np.zeros((len(layers), steps)), np.zeros(steps)
+    for c in computed:
+        calls[int(c["step"])] += 1
+        for layer in c["layers"]:
+            label = f"{c['model']}.{layer}" if len(models) > 1 else str(layer)
+            if label in index:
+                ran[index[label], int(c["step"])] += 1
+    with np.errstate(invalid="ignore"):
+        return ran / calls
 
 
 def _num(v, digits: int = 4) -> str:
@@ -173,6 +193,9 @@ def _entry_html(entry: ReportEntry) -> str:
     labels, matrix = density_matrix(entry.stats)
     if matrix.size:
         parts.append(plots.heatmap(matrix, "realised density (layer × step)", "step", "layer"))
+    computed = computed_matrix(entry.computed, labels)
+    if computed.size and (computed < 1).any():  # a step-level cache skipped some layers
+        parts.append(plots.heatmap(computed, "computed (layer × step; 0: served by the step cache)", "step", "layer"))
         if len(labels) and not labels[0].isdigit():
             parts.append(f"<p>layers: {escape(', '.join(labels))}</p>")
     parts.append("</div>")

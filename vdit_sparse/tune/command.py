@@ -30,7 +30,8 @@ from .cost import CostModel, load_cost_model
 from .search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
 PSNR_CAP = 100.0  # dB: an identical video's PSNR (infinite) counts as this, so means stay finite; printed "identical"
-HELP = "find per-layer sparse-attention settings for a quality target; write a tuned table and a report"
+HELP = ("find per-layer sparse-attention settings for a quality target, or (--cache magcache) measure MagCache's "
+        "ratios; write a tuned table and a report")
 CALIBRATION_PROMPTS = ("a red square moving right", "two blue circles moving up on a striped background")
 HOLDOUT_PROMPTS = ("a green triangle moving left", "a yellow ball moving down on a dark background")
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="--target-psnr: end-to-end checks before giving up (default 3)")
     p.add_argument("--no-validate", action="store_true", help="skip the held-out validation runs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    # --cache magcache (no target, no knob): measure MagCache's magnitude ratios on dense runs and write them
+    # into the table (caches: magcache: mag_ratios), for generate --tuned NAME --cache magcache
     add_generation_args(p)
     return p
 
@@ -73,6 +76,12 @@ def check_args(args) -> None:
     from ..caches import parse_cache
     from ..methods import METHODS
 
+    if args.cache == "magcache":  # the calibration mode: no target, no knob
+        if args.target_psnr is not None or args.target_error is not None or args.attention != "dense":
+            raise UserError("tune --cache magcache: measures MagCache's ratios on dense runs; drop --target-* and --attention")
+        if args.tuned:
+            raise UserError(f"--tuned {args.tuned!r}: tune writes a table and does not start from one; drop --tuned")
+        return
     if (args.target_psnr is None) == (args.target_error is None):
         raise UserError("tune: give exactly one target, --target-psnr DB or --target-error E")
     if args.target_error is not None and not 0 < args.target_error <= 1:
@@ -447,12 +456,15 @@ def main(argv: list[str], pipe=None) -> int:
     t0 = time.perf_counter()
     args = parse_args(argv)
     check_args(args)
-    values = knob_values(args)
+    magcache = args.cache == "magcache"
+    values = None if magcache else knob_values(args)
     out = out_path(args)
     cal_prompts = read_prompts(args.prompts, CALIBRATION_PROMPTS, "--prompts")
     holdout = read_prompts(args.holdout, HOLDOUT_PROMPTS, "--holdout")
     cost = load_cost_model(args.cost_model)
     base = request_from_args(args, cal_prompts[0])
+    if magcache:  # the runs are dense; the ratios come from diffusers' calibration mode
+        base = replace(base, cache="none")
     cfg = resolve(base)
     params = check_run(cfg, base)
     device = resolve_device(cfg.device)
@@ -460,6 +472,10 @@ def main(argv: list[str], pipe=None) -> int:
         pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
     check_video_size(pipe, cfg.model.frames, cfg.model.height, cfg.model.width)
     pipe.set_progress_bar_config(disable=True)
+    if magcache:
+        from . import magcache as magcache_mode
+
+        return magcache_mode.run(args, pipe, base, cfg, cal_prompts, holdout, out)
 
     policy = Policy(args.attention, params, cache=args.cache)
     warmup = policy.warmup_count(cfg.model.steps)

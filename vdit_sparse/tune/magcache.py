@@ -7,7 +7,7 @@ each step's residual norm to the previous step's is recorded) on the calibration
 ratios over prompts and guidance branches, and writes them into a tuned table:
 
     caches:
-      magcache: {mag_ratios: [...], num_inference_steps: 10}
+      magcache: {mag_ratios: [...]}      # one per step of the calibration runs (metadata.steps)
 
 ``generate --tuned NAME --cache magcache`` (or ``accelerate(pipe, cache="magcache", tuned=NAME)``) then
 uses them; diffusers interpolates them to another step count. The held-out prompts are then run with
@@ -47,13 +47,15 @@ def calibrate(pipe, requests, steps: int) -> list[float]:
 
 
 def write(path: Path, ratios: list[float], meta: dict) -> None:
+    import json
+
     import yaml
 
     from ..atomicfile import atomic_write
 
     header = "# vdit-sparse tune --cache magcache: MagCache magnitude ratios, measured (see metadata)\n"
-    body = {"metadata": meta, "layers": {}, "caches": {"magcache": {"mag_ratios": ratios,
-                                                                    "num_inference_steps": len(ratios)}}}
+    meta = json.loads(json.dumps(meta, default=str))  # plain values only: versions are objects with a text form
+    body = {"metadata": meta, "layers": {}, "caches": {"magcache": {"mag_ratios": ratios}}}
     atomic_write(path, header + yaml.safe_dump(body, sort_keys=False))
 
 
