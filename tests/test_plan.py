@@ -14,14 +14,6 @@ from vdit_sparse.plan import (
 )
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    """A fresh seed for torch's global generator in every test, printed: pytest shows it with a failure."""
-    value = torch.seed() % 2**31
-    print(f"seed={value}")
-    torch.manual_seed(value)
-
-
 def random_mask(B, H, nq, nk, p=0.4):
     return torch.rand(B, H, nq, nk) < p
 

@@ -96,16 +96,6 @@ def random_perm(G, N, gen):
     return torch.rand(G, N, generator=gen).argsort(dim=1).to(torch.int32)
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    """A fresh seed for every test, printed (pytest shows it with a failure) and set on torch's global
-    generator; ``VDIT_SPARSE_TEST_SEED=N`` replays a run."""
-    value = int(os.environ.get("VDIT_SPARSE_TEST_SEED") or torch.seed() % 2**31)
-    print(f"seed={value}")
-    torch.manual_seed(value)
-    return value
-
-
 @pytest.fixture
 def gen(seed):
     """A generator seeded with the test's printed seed."""
