@@ -1,0 +1,120 @@
+"""The CPU figures of BENCHMARKS.md on the embedded model: every command, run one after the other, summarised.
+
+    python scripts/bench_tiny_cpu.py --out bench-cpu            # all experiments (about 40 minutes on 2 cores)
+    python scripts/bench_tiny_cpu.py --out bench-cpu --only caches --prompts 4
+    python scripts/bench_tiny_cpu.py --out bench-cpu --summary  # print the tables of what is there
+
+Each experiment is one ``vdit-sparse compare`` (or ``tune``) command on held-out prompts of the shapes
+world; its report folder lands under ``--out``. Speed-ups come from compare itself: the dense reference is
+timed just before each accelerated run, in the same process. Run it on an otherwise idle machine and note
+the load printed at the start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEP_CACHES = ("fbcache", "magcache", "taylorseer", "pab", "seacache")
+
+
+def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[list[str]]]:
+    """name -> the commands (argv after ``vdit-sparse``) of one experiment."""
+    common = ["--prompts", str(prompts), "--no-lpips", "--steps", str(steps)]
+    sweep_caches = ",".join(STEP_CACHES)
+    return {
+        "defaults": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2", "--report", "{out}/defaults"],
+                     ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--report", "{out}/tileskip"]],
+        "density": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2",
+                     "--sweep", "density=0.5,0.35,0.25,0.15", "--report", "{out}/density"]],
+        "caches": [
+            ["compare", *common, "--attention", "dense", "--sweep", f"cache={sweep_caches}", "--tuned", str(magcache),
+             "--report", f"{{out}}/caches-{steps}"],
+            ["compare", *common, "--attention", "svg2", "--sweep", f"cache={sweep_caches}", "--tuned", str(magcache),
+             "--report", f"{{out}}/caches-svg2-{steps}"],
+            ["compare", *common, "--attention", "dense", "--sweep", "cache=" + ",".join(f"tileskip+{c}" for c in STEP_CACHES),
+             "--tuned", str(magcache), "--report", f"{{out}}/caches-tileskip-{steps}"],
+        ],
+    }
+
+
+def run(argv: list[str], log: Path) -> float:
+    t0 = time.perf_counter()
+    print("+ vdit-sparse " + " ".join(argv), flush=True)
+    with open(log, "a") as f:
+        f.write("+ vdit-sparse " + " ".join(argv) + "\n")
+        f.flush()
+        code = subprocess.call([sys.executable, "-m", "vdit_sparse", *argv], stdout=f, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"failed ({code}): vdit-sparse {' '.join(argv)}; see {log}")
+    return time.perf_counter() - t0
+
+
+def summary(out: Path) -> str:
+    """A markdown table per report folder under ``out``: speed-up, PSNR, SSIM, density, computed, prompt following."""
+    lines = []
+    for metrics_path in sorted(out.glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        machine = m.get("machine", {})
+        lines += [f"### {metrics_path.parent.name} (load {machine.get('load_before')} -> {machine.get('load_after')})", "",
+                  "| setting | speed-up | PSNR dB | SSIM | density | computed | colour / motion / count (acc.) | (dense) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = m.get("sweep") or [{"label": "(one setting)", "mean": m["mean"]}]
+        for row in rows:
+            e = row["mean"]
+            pf, ref = e.get("prompt_following") or {}, e.get("prompt_following_reference") or {}
+            cells = [row["label"], _f(e.get("speedup"), "x"), "identical" if e.get("identical") else _f(e.get("psnr")),
+                     _f(e.get("ssim")), _f(e.get("density")), _f(e.get("computed_share")),
+                     " / ".join(_f(pf.get(k)) for k in ("colour_ok", "motion_ok", "count_ok")),
+                     " / ".join(_f(ref.get(k)) for k in ("colour_ok", "motion_ok", "count_ok"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _f(v, unit: str = "") -> str:
+    return "—" if v is None else f"{v:.3g}{unit}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", nargs="+", choices=("defaults", "density", "caches"), help="default: all")
+    p.add_argument("--prompts", type=int, default=6, help="held-out prompts per experiment")
+    p.add_argument("--steps", nargs="+", type=int, default=[10, 20], help="step counts of the cache experiments")
+    p.add_argument("--summary", action="store_true", help="only print the tables of what --out holds")
+    args = p.parse_args(argv)
+    if args.summary:
+        print(summary(args.out))
+        return 0
+    from vdit_sparse import shapes_world
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts = args.out / "prompts.txt"
+    prompts.write_text("\n".join(shapes_world.heldout_prompts()[: args.prompts]) + "\n")
+    log = args.out / "log.txt"
+    print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
+    magcache = args.out / "magcache.yaml"
+    todo = args.only or ["defaults", "density", "caches"]
+    if "caches" in todo and not magcache.exists():
+        run(["tune", "--cache", "magcache", "--out", str(magcache), "--prompts", str(prompts)], log)
+    timings = {}
+    for steps in args.steps if "caches" in todo else [10]:
+        for name, commands in experiments(prompts, magcache, steps).items():
+            if name not in todo or (name != "caches" and steps != args.steps[0]):
+                continue
+            for argv in commands:
+                key = f"{name}-{steps}"
+                timings[key] = timings.get(key, 0.0) + run([a.replace("{out}", str(args.out)) for a in argv], log)
+    print(f"load after: {os.getloadavg()[0]:.2f}; wall per experiment: {json.dumps({k: round(v) for k, v in timings.items()})}")
+    print(summary(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
