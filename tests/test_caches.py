@@ -201,3 +201,14 @@ def test_cli_tune_magcache_then_generate_and_compare_with_it(tmp_path, monkeypat
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["mean"]["computed_share"] == side["computed_share"]
     assert "computed (layer × step" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_caches_that_decide_from_activations_are_refused_under_ulysses(tiny_pipe, monkeypatch):
+    """Each Ulysses rank sees a shard: First-Block Cache and SeaCache could decide differently per rank."""
+    monkeypatch.setattr("vdit_sparse.integration.ulysses_group", lambda models: object())
+    for cache in ("fbcache", "tileskip+seacache"):
+        with pytest.raises(ValueError, match="decides from the activations, which each Ulysses rank sees only a shard"):
+            vs.accelerate(tiny_pipe, cache=cache)
+    acc = vs.accelerate(tiny_pipe, cache="pab")  # decided by the timestep alone: the same on every rank
+    acc.remove()
+    assert not tiny_pipe.transformer.is_cache_enabled

@@ -54,6 +54,9 @@ class StepCache:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # decides to skip from the activations it sees: under Ulysses each rank sees only its shard, so ranks could
+    # disagree and one would wait forever in an all-to-all the others skipped
+    data_dependent: ClassVar[bool] = False
 
     def __post_init__(self):
         for f in fields(self):
@@ -74,6 +77,7 @@ class StepCache:
 class FBCache(StepCache):
     name = "fbcache"
     summary = "First-Block Cache: the rest of the blocks are skipped while the first block's residual barely changes"
+    data_dependent = True
     threshold: float = setting(0.05, nonnegative, "relative change of the first block's residual below which the rest is skipped")
 
     def config(self, pipe, adapter, num_steps):
@@ -170,6 +174,7 @@ class FasterCache(StepCache):
 class SeaCache(StepCache):
     name = "seacache"
     summary = "SeaCache: the block stack replaced by a predicted residual while spectral indicators change little"
+    data_dependent = True
     threshold: float = setting(0.25, nonnegative, "accumulated relative change below which the cached residual is used")
     retention_steps: int = setting(1, count, "first steps always computed")
     cache_end_steps: int = setting(1, count, "last steps always computed")

@@ -156,6 +156,9 @@ class _Wiring:
 
     def enable_step_cache(self, pipe, step_cache, num_steps: int | None) -> None:
         """diffusers' own step-level cache hooks on every transformer (``transformer.enable_cache``)."""
+        if step_cache.data_dependent and ulysses_group(self.models) is not None:
+            raise ValueError(f"cache={step_cache.name!r}: decides from the activations, which each Ulysses rank sees only "
+                             "a shard of: the ranks could disagree; use magcache, taylorseer or pab under --ulysses-degree")
         for model in self.models:
             if model.is_cache_enabled:
                 raise ValueError(f"{type(model).__name__}: a diffusers cache is enabled already ({type(model._cache_config).__name__}); "
