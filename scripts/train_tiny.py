@@ -47,7 +47,7 @@ from vdit_sparse import shapes_world
 from vdit_sparse.atomicfile import atomic_write, atomic_write_json
 from vdit_sparse.pipelines.tiny import MAX_TEXT_TOKENS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_tokenizer
 
-STAGES = ("vae", "dit", "export", "eval")
+STAGES = ("vae", "dit", "export", "eval", "sampling")
 STAGE_IDS = {"vae": 1, "dit": 2, "stats": 3}
 PART_BYTES = 15 * 2**20
 MAX_EXPORT_MB = 40
@@ -392,6 +392,10 @@ def export(args, recipe: Recipe) -> dict:
     transformer.load_state_dict(dit_state["model"])
     transformer.load_state_dict(dit_state["ema"], strict=False)  # the EMA holds parameters only
     pipe = build_pipeline(recipe, args.seed, transformer, vae)
+    if args.sample_shift is not None:  # chosen by --stage sampling; training drew sigma with recipe.shift
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=args.sample_shift)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
     provenance = dict(seed=args.seed, dit_steps=dit_state["step"], smoke=args.smoke, recipe=dataclasses.asdict(recipe),
@@ -409,11 +413,11 @@ def evaluate(args, recipe: Recipe, device) -> dict:
 
     Writes ``<out>/eval.json``: per split in ``--eval-splits`` the rates of prompt_following_accuracy over
     ``--eval-clips`` prompts (and each clip's detections), then, over ``--svg-clips`` held-out prompts, the
-    share of spatial / temporal / dense heads per layer that ``attention="svg"`` chose.
+    share of spatial / temporal / dense heads per layer that ``attention="svg"`` chose, svg2's realised density
+    and the dense attention's entropy (:func:`attention_structure`).
     """
     from diffusers import WanPipeline
 
-    import vdit_sparse
     from vdit_sparse.pipelines import patch_vae  # noqa: F401  lets from_pretrained load the vae's class
     from vdit_sparse.quality.prompt_following import accuracy_of, prompt_following
 
@@ -490,6 +494,37 @@ def density_by_layer(table: list[dict], method: str) -> dict[str, float]:
     return {layer: round(sum(v) / len(v), 4) for layer, v in sorted(by_layer.items(), key=lambda i: int(i[0]))}
 
 
+@torch.no_grad()
+def sweep_sampling(args, recipe: Recipe, device) -> dict:
+    """Prompt following of the exported pipeline per (guidance scale, scheduler shift), on training-split
+    prompts (the held-out ones stay for the final eval): what the shipped defaults are chosen from.
+    Writes ``<out>/sampling.json``; the pipeline on disk is not changed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from vdit_sparse.pipelines import patch_vae  # noqa: F401  lets from_pretrained load the vae's class
+    from vdit_sparse.quality.prompt_following import accuracy_of, prompt_following
+
+    pipe = WanPipeline.from_pretrained(args.out).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    train = [c.caption() for c in shapes_world.combos("train")]
+    prompts = [train[i * 37 % len(train)] for i in range(args.eval_clips)]  # spread over the split
+    rows = []
+    for shift in args.shifts:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        for scale in args.guidance_scales:
+            results = []
+            for i, prompt in enumerate(prompts):
+                frames = pipe(prompt, num_frames=recipe.frames, height=recipe.height, width=recipe.width,
+                              num_inference_steps=args.eval_steps, guidance_scale=scale, max_sequence_length=MAX_TEXT_TOKENS,
+                              output_type="np", generator=torch.Generator(device).manual_seed(args.seed + i)).frames[0]
+                results.append(prompt_following((frames * 255).round().clip(0, 255).astype("uint8"), prompt))
+            rows.append(dict(shift=shift, guidance_scale=scale, **accuracy_of(results)))
+            print(json.dumps(rows[-1]), flush=True)
+    atomic_write_json(args.out / "sampling.json", dict(steps=args.eval_steps, prompts=prompts, rows=rows))
+    best = max(rows, key=lambda r: (r["all_accuracy"], r["motion_accuracy"] or 0))
+    return dict(stage="sampling", best=best)
+
+
 def head_shares_by_layer(table: list[dict]) -> dict[str, dict[str, float]]:
     """Mean share of spatial / temporal / dense heads per layer over svg's sparse calls (warm-up excluded)."""
     by_layer: dict[str, list[dict]] = {}
@@ -554,6 +589,10 @@ def parse_args(argv=None):
                    help="eval: held-out clips for the attention structure (dense entropy, svg head shares, svg2 density)")
     p.add_argument("--eval-steps", type=int, default=10, help="eval: denoising steps per clip (configs/model/tiny.yaml)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="eval: classifier-free guidance scale")
+    p.add_argument("--guidance-scales", nargs="+", type=float, default=[2.0, 3.5, 5.0], help="sampling: the grid")
+    p.add_argument("--shifts", nargs="+", type=float, default=[1.0, 3.0], help="sampling: scheduler shifts tried")
+    p.add_argument("--sample-shift", type=float, default=None,
+                   help="export: the shipped scheduler's shift (default: the training shift)")
     args = p.parse_args(argv)
     if args.minutes <= 0:
         p.error(f"--minutes {args.minutes}: must be > 0")
@@ -590,6 +629,8 @@ def run_stage(args) -> dict:
         return export(args, recipe)
     if args.stage == "eval":
         return evaluate(args, recipe, device)
+    if args.stage == "sampling":
+        return sweep_sampling(args, recipe, device)
     return train_dit(args, recipe, device)
 
 
