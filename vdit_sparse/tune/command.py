@@ -32,8 +32,10 @@ from .search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, 
 PSNR_CAP = 100.0  # dB: an identical video's PSNR (infinite) counts as this, so means stay finite; printed "identical"
 HELP = ("find per-layer sparse-attention settings for a quality target, or (--cache magcache) measure MagCache's "
         "ratios; write a tuned table and a report")
-CALIBRATION_PROMPTS = ("a red square moving right", "two blue circles moving up on a striped background")
-HOLDOUT_PROMPTS = ("a green triangle moving left", "a yellow ball moving down on a dark background")
+# Defaults: captions of the embedded model's world (plain English for any other model); the held-out pair is
+# from the world's held-out split, which the embedded model never saw in training.
+CALIBRATION_PROMPTS = ("a red square moving right on a plain background", "two blue circles moving up on a textured background")
+HOLDOUT_PROMPTS = ("a red circle moving right on a plain background", "two red squares moving left on a plain background")
 
 
 # --- arguments ---------------------------------------------------------------------------------------
