@@ -277,7 +277,11 @@ def uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, num_runs
                 s += (calls - sparse) * cost.ms("dense", 1.0, shape) + sparse * cost.ms(args.attention, realised[layer](d), shape)
             return s
 
-        lo, hi = 1e-3, 1.0
+        smallest = min(c.setting[args.knob] for c in cands if args.knob in c.setting)
+        if total(smallest) >= target:  # the grid realises no cheaper uniform setting: compare with its cheapest
+            print(f"warning: no uniform density is as cheap as the table; comparing with the cheapest candidate, {smallest}")
+            return smallest
+        lo, hi = smallest, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
