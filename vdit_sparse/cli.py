@@ -74,6 +74,8 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # "Loading pipeline components": our own bars say what runs
+    tlog.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
