@@ -24,7 +24,7 @@ STEP_CACHES = ("fbcache", "magcache", "taylorseer", "pab", "seacache")
 
 
 def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[list[str]]]:
-    """name -> the commands (argv after ``vdit-sparse``) of one experiment."""
+    """name -> the commands (argv after ``vdit-sparse``) of one experiment; ``magcache``: ratios measured at ``steps``."""
     common = ["--prompts", str(prompts), "--no-lpips", "--steps", str(steps)]
     sweep_caches = ",".join(STEP_CACHES)
     return {
@@ -96,15 +96,18 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
-    prompts.write_text("\n".join(shapes_world.heldout_prompts()[: args.prompts]) + "\n")
+    heldout = shapes_world.heldout_prompts()  # spread over the list: colours, shapes and motions vary
+    prompts.write_text("\n".join(heldout[:: max(1, len(heldout) // args.prompts)][: args.prompts]) + "\n")
     log = args.out / "log.txt"
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
-    magcache = args.out / "magcache.yaml"
     todo = args.only or ["defaults", "density", "caches"]
-    if "caches" in todo and not magcache.exists():
-        run(["tune", "--cache", "magcache", "--out", str(magcache), "--prompts", str(prompts)], log)
     timings = {}
     for steps in args.steps if "caches" in todo else [10]:
+        # MagCache's ratios, measured on tune's own calibration prompts (training captions), not the held-out ones
+        magcache = args.out / f"magcache-{steps}.yaml"
+        if "caches" in todo and not magcache.exists():
+            run(["tune", "--cache", "magcache", "--steps", str(steps), "--out", str(magcache),
+                 "--holdout", str(prompts)], log)
         for name, commands in experiments(prompts, magcache, steps).items():
             if name not in todo or (name != "caches" and steps != args.steps[0]):
                 continue

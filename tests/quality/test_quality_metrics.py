@@ -115,6 +115,20 @@ def test_ssim_matches_an_independent_gaussian_window_implementation():
     np.testing.assert_allclose(ssim_per_frame(a, b), expected, atol=2e-5)  # float32 inside
 
 
+def test_ssim_matches_torchmetrics_across_frame_batches():
+    # more frames than one float64 batch, non-square frames: the banded-matrix window against torchmetrics' conv
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from vdit_sparse.quality.metrics import SSIM_FRAMES_PER_BATCH
+
+    rng = np.random.default_rng(5)
+    a = rng.random((SSIM_FRAMES_PER_BATCH + 3, 20, 27, 3))
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    ta, tb = (torch.from_numpy(x).permute(0, 3, 1, 2) for x in (a, b))
+    expected = structural_similarity_index_measure(tb, ta, sigma=1.5, data_range=1.0, reduction="none").numpy()
+    np.testing.assert_allclose(ssim_per_frame(a, b), expected, atol=1e-6)
+
+
 def test_mismatched_shapes_are_a_clear_error():
     with pytest.raises(ValueError, match=r"differ in shape: a is \(8, 32, 32, 3\), b is \(7, 32, 32, 3\)"):
         psnr(_video(), _video(shape=(7, 32, 32, 3)))
