@@ -31,7 +31,14 @@ def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[lis
         "defaults": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2", "--report", "{out}/defaults"],
                      ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--report", "{out}/tileskip"]],
         "density": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2",
-                     "--sweep", "density=0.5,0.35,0.25,0.15", "--report", "{out}/density"]],
+                     "--sweep", "density=0.5,0.35,0.25,0.15", "--report", "{out}/density"],
+                    # tile-skip below its default threshold, at 16-token blocks: where it starts to skip here
+                    ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--sweep", "threshold=-3,-2,-1.5,-1",
+                     "--sweep", "block_size=16", "--report", "{out}/tileskip-sweep"]],
+        "tune": [["tune", "--attention", "svg", "--target-psnr", str(t), "--holdout", str(prompts), "--steps", str(steps),
+                  "--overwrite", "--out", f"{{out}}/tuned/svg-{t}.yaml"] for t in (22, 24, 26)]
+                + [["tune", "--attention", "svg2", "--knob", "density", "--target-psnr", "26", "--holdout", str(prompts),
+                    "--steps", str(steps), "--overwrite", "--out", "{out}/tuned/svg2-26.yaml"]],
         "caches": [
             ["compare", *common, "--attention", "dense", "--sweep", f"cache={sweep_caches}", "--tuned", str(magcache),
              "--report", f"{{out}}/caches-{steps}"],
@@ -74,7 +81,26 @@ def summary(out: Path) -> str:
                      " / ".join(_f(ref.get(k)) for k in ("colour_ok", "motion_ok", "count_ok"))]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    tuned = sorted(out.glob("tuned/*.report.json"))
+    if tuned:
+        lines += ["### tune: the tuned table against a uniform setting of equal predicted cost (held-out prompts)", "",
+                  "| table | target dB | per-layer settings | uniform | tuned PSNR | uniform PSNR | gain dB | density |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for path in tuned:
+            r = json.loads(path.read_text())
+            v, meta = r.get("validation") or {}, r["metadata"]
+            if not v:
+                continue
+            t, u = v["mean"]["tuned"], v["mean"]["uniform"]
+            chosen = ", ".join(f"{k}: {_setting(c)}" for k, c in r["chosen"].items()) if isinstance(r["chosen"], dict) else r["chosen"]
+            lines.append(f"| {path.name.removesuffix('.report.json')} | {_f((meta.get('target') or {}).get('psnr'))} | {chosen} | "
+                         f"{v['uniform_setting']} | {_f(t['psnr'])} | {_f(u['psnr'])} | {_f(t['psnr'] - u['psnr'])} | {_f(t['density'])} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _setting(c) -> str:
+    return ", ".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else str(c)
 
 
 def _f(v, unit: str = "") -> str:
@@ -84,7 +110,7 @@ def _f(v, unit: str = "") -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--only", nargs="+", choices=("defaults", "density", "caches"), help="default: all")
+    p.add_argument("--only", nargs="+", choices=("defaults", "density", "tune", "caches"), help="default: all")
     p.add_argument("--prompts", type=int, default=6, help="held-out prompts per experiment")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 20], help="step counts of the cache experiments")
     p.add_argument("--summary", action="store_true", help="only print the tables of what --out holds")
@@ -100,7 +126,7 @@ def main(argv=None) -> int:
     prompts.write_text("\n".join(heldout[:: max(1, len(heldout) // args.prompts)][: args.prompts]) + "\n")
     log = args.out / "log.txt"
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
-    todo = args.only or ["defaults", "density", "caches"]
+    todo = args.only or ["defaults", "density", "tune", "caches"]
     timings = {}
     for steps in args.steps if "caches" in todo else [10]:
         # MagCache's ratios, measured on tune's own calibration prompts (training captions), not the held-out ones

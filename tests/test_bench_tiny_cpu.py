@@ -1,0 +1,48 @@
+"""scripts/bench_tiny_cpu.py: every command it would run parses with the real CLI, and its summary tables read
+what compare and tune write."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_tiny_cpu", ROOT / "scripts" / "bench_tiny_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_command_parses_with_the_cli(bench, tmp_path):
+    from vdit_sparse import compare
+    from vdit_sparse.tune import command as tune
+
+    plans = bench.experiments(tmp_path / "prompts.txt", tmp_path / "magcache-10.yaml", 10)
+    assert set(plans) == {"defaults", "density", "tune", "caches"}
+    for commands in plans.values():
+        for argv in commands:
+            argv = [a.replace("{out}", str(tmp_path)) for a in argv]
+            args = {"compare": compare.parse_args, "tune": tune.parse_args}[argv[0]](argv[1:])
+            assert "--steps" in argv and args.steps == 10
+
+
+def test_summary_tables(bench, tmp_path):
+    row = {"speedup": 1.5, "psnr": 30.25, "ssim": 0.95, "density": 0.6, "computed_share": 0.5,
+           "prompt_following": {"colour_ok": 1.0, "motion_ok": 0.5, "count_ok": 0.25},
+           "prompt_following_reference": {"colour_ok": 1.0, "motion_ok": 0.75, "count_ok": 0.25}}
+    (tmp_path / "caches-10").mkdir()
+    (tmp_path / "caches-10" / "metrics.json").write_text(json.dumps(
+        {"machine": {"load_before": 1.0, "load_after": 1.2}, "mean": row, "sweep": [{"label": "cache=magcache", "mean": row}]}))
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "svg-22.report.json").write_text(json.dumps({
+        "metadata": {"target": {"psnr": 22.0}}, "chosen": {"0": {"density": 0.3}, "1": {"density": 0.05}},
+        "validation": {"mean": {"tuned": {"psnr": 23.5, "density": 0.41}, "uniform": {"psnr": 21.5, "density": 0.41}},
+                       "uniform_setting": {"density": 0.26}}}))
+    text = bench.summary(tmp_path)
+    assert "| cache=magcache | 1.5x | 30.2 | 0.95 | 0.6 | 0.5 | 1 / 0.5 / 0.25 | 1 / 0.75 / 0.25 |" in text
+    assert "| svg-22 | 22 | 0: density=0.3, 1: density=0.05 | {'density': 0.26} | 23.5 | 21.5 | 2 | 0.41 |" in text
