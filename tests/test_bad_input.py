@@ -40,6 +40,9 @@ CASES = [  # (argv, what the one line must say)
     (["generate", "a red square", "--tuned", "no-such-table"], "tuned='no-such-table': no such table"),
     (["generate", "a red square", "model.guidance_scale=abc"], "model.guidance_scale='abc': must be int or float"),
     (["generate", "a red square", "model.steps=2.5"], "model.steps=2.5: must be int"),
+    (["generate", "a red square", "--cache", "magcache"], "magcache.mag_ratios: MagCache needs the model's ratios"),
+    (["compare", "a red square", "--cache", "magcache", "--report", "r"], "magcache.mag_ratios: MagCache needs"),
+    (["generate", "a red square", "--cache", "fbcache", "fbcache.threshold=nan"], "fbcache.threshold=nan: must be a number >= 0"),
     (["generate", "a red square", "seed=x"], "seed='x': must be an integer"),
     (["generate", "a red square", "--out", "a-file/clip.mp4"], "is a file, not a folder"),
     (["generate", "a red square", "--out", "/proc/vdit-sparse/clip.mp4"], "cannot be written"),
@@ -97,3 +100,26 @@ def test_tuned_tables_belong_to_the_user(workdir, tiny_pipe):
                  "--height", "64", "--width", "64", "--out", "clip.mp4"]) == 0
     side = json.loads((workdir / "clip.json").read_text())
     assert side["config"]["tuned"] == "mine" and side["config"]["out"] == "clip.mp4"  # the sidecar names its video
+
+
+def test_a_tuned_dict_in_the_files_shape_means_what_the_file_means(tmp_path, tiny_pipe):
+    import yaml
+
+    import vdit_sparse as vs
+    from vdit_sparse.config import load_tuned
+    from vdit_sparse.errors import UserError
+
+    data = {"layers": {1: {"density": 0.5}}, "caches": {"magcache": {"mag_ratios": [1.0, 1.0]}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_tuned(str(path)) == ({1: {"density": 0.5}}, {"magcache": {"mag_ratios": [1.0, 1.0]}})
+    acc = vs.accelerate(tiny_pipe, attention="svg", cache="magcache", tuned=data, **{"magcache.num_inference_steps": 2})
+    acc.remove()
+    assert acc.policy.layers[1][1].density == 0.5 and acc.step_cache.mag_ratios == (1.0, 1.0)
+    acc = vs.accelerate(tiny_pipe, attention="svg", tuned={0: {"density": 0.3}})  # a bare layers mapping
+    acc.remove()
+    assert acc.policy.layers[0][1].density == 0.3
+    for bad, message in [({-1: {"density": 0.5}}, "LAYER a layer index >= 0"), ({"layers": [1]}, "LAYER a layer index"),
+                         ({"caches": {"magcache": 3}}, "'caches' must map a cache name to its settings")]:
+        with pytest.raises(UserError, match=message):
+            vs.accelerate(tiny_pipe, attention="svg", tuned=bad)

@@ -107,14 +107,18 @@ def test_skipped_layers_make_no_calls_and_remove_restores_everything(tiny_pipe, 
 def test_magcache_uses_a_tuned_tables_ratios_and_skips(tiny_pipe, tmp_path):
     from vdit_sparse.tune.magcache import write
 
-    ratios = _mag_ratios(tiny_pipe, lambda: run_tiny(tiny_pipe, steps=STEPS))
     table = tmp_path / "mag.yaml"
-    write(table, [r * 0.0 + 1.001 for r in ratios], {"steps": STEPS})  # ratios near 1: the error stays small, skip
+    write(table, [1.001] * STEPS, {"steps": STEPS})  # ratios near 1: the error stays small, skip
     acc = vs.accelerate(tiny_pipe, cache="magcache", tuned=str(table),
                         **{"magcache.num_inference_steps": STEPS, "magcache.retention_ratio": 0.25})
     try:
-        run_tiny(tiny_pipe, steps=STEPS)
+        out = run_tiny(tiny_pipe, steps=STEPS)
         computed = acc.computed()
+        with pytest.raises(ValueError, match=f"magcache.num_inference_steps={STEPS}, but this run has 1 steps"):
+            run_tiny(tiny_pipe, steps=1)
+        with acc.step_cache_paused():  # a run of another step count (a compile warm-up) without the cache
+            run_tiny(tiny_pipe, steps=1)
+        assert np.array_equal(run_tiny(tiny_pipe, steps=STEPS), out)  # enabled again, with fresh state
     finally:
         acc.remove()
     assert acc.step_cache.mag_ratios == tuple([1.001] * STEPS)
@@ -127,6 +131,8 @@ def test_magcache_uses_a_tuned_tables_ratios_and_skips(tiny_pipe, tmp_path):
     ("fbcache", {"magcache.threshold": 0.1}, "magcache.\\*: settings of a step cache that is not in use"),
     ("fbcache", {"fbcache.treshold": 0.1}, "fbcache.treshold: not a setting of cache 'fbcache'; its settings are fbcache.threshold"),
     ("fbcache", {"fbcache.threshold": -1}, "fbcache.threshold=-1: must be a number >= 0"),
+    ("fbcache", {"fbcache.threshold": float("inf")}, "fbcache.threshold=inf: must be a number >= 0"),
+    ("magcache", {"magcache.mag_ratios": [1.0, float("nan")]}, "must be a list of positive numbers"),
     ("magcache", {"magcache.num_inference_steps": 4}, "magcache.mag_ratios: MagCache needs the model's ratios"),
     ("fastercache", {}, "cache='fastercache': not for wan: its pipeline runs the guidance branches apart"),
     ("none", {"threshold": -5.0}, "threshold: a tile-skip setting"),

@@ -104,6 +104,18 @@ def test_compile_time_is_reported_apart_from_generation(tmp_path, monkeypatch):
     assert side["compile_s"] > 0 and side["wall_s"] > 0
 
 
+def test_compile_warm_up_runs_without_the_step_cache(tmp_path, monkeypatch):
+    # the one-step compile warm-up must not meet MagCache, whose ratios are laid out for the run's 2 steps
+    from vdit_sparse.cli import main
+
+    (tmp_path / "mag.yaml").write_text("caches:\n  magcache: {mag_ratios: [1.0, 1.0]}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", *SMALL, "--out", "c.mp4", "--cache", "magcache", "--tuned", "mag.yaml",
+                 "compile=aot_eager"]) == 0
+    side = json.loads((tmp_path / "c.json").read_text())
+    assert side["compile_s"] > 0 and len(side["computed"]) == 2 * 2  # 2 steps x 2 guidance branches, none from warm-up
+
+
 def test_generate_takes_a_tuned_table(tmp_path, monkeypatch):
     from vdit_sparse.cli import main
 

@@ -15,26 +15,16 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
-from .settings import flag, fraction, positive_int, setting
+from .settings import Checked, _is_number, count, flag, fraction, nonnegative, positive_int, setting
 
 TILESKIP = "tileskip"
 
 
-def nonnegative(name, v):
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"{name}={v!r}: must be a number >= 0")
-
-
-def count(name, v):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"{name}={v!r}: must be an integer >= 0")
-
-
 def optional_ratios(name, v):
-    if v is not None and (not isinstance(v, tuple) or not v or not all(isinstance(x, (int, float)) and x > 0 for x in v)):
+    if v is not None and (not isinstance(v, tuple) or not v or not all(_is_number(x) and x > 0 for x in v)):
         raise ValueError(f"{name}={v!r}: must be a list of positive numbers (one per step), or null")
 
 
@@ -44,12 +34,12 @@ def optional_positive_int(name, v):
 
 
 def timestep_range(name, v):
-    if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] < v[1]):
+    if not (isinstance(v, tuple) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] < v[1]):
         raise ValueError(f"{name}={v!r}: must be [low, high] timesteps, low < high")
 
 
 @dataclass(frozen=True)
-class StepCache:
+class StepCache(Checked):
     """A step-level cache's settings; ``config(...)`` builds diffusers' config object from them."""
 
     name: ClassVar[str] = ""
@@ -58,16 +48,8 @@ class StepCache:
     # disagree and one would wait forever in an all-to-all the others skipped
     data_dependent: ClassVar[bool] = False
 
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                object.__setattr__(self, f.name, value := tuple(value))
-            f.metadata["check"](f"{self.name}.{f.name}", value)
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def label(self, name: str) -> str:
+        return f"{self.name}.{name}"
 
     def config(self, pipe, adapter, num_steps: int | None):
         raise NotImplementedError
@@ -97,15 +79,18 @@ class MagCache(StepCache):
     num_inference_steps: int | None = setting(None, optional_positive_int, "steps of the runs (default: the pipeline's)")
     calibrate: bool = setting(False, flag, "measure the ratios instead of skipping (tune --cache magcache does this)")
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mag_ratios is None and not self.calibrate:  # refused before any model work
+            raise ValueError("magcache.mag_ratios: MagCache needs the model's ratios; measure them with "
+                             "`vdit-sparse tune --cache magcache --out NAME` and pass --tuned NAME")
+
     def config(self, pipe, adapter, num_steps):
         from diffusers import MagCacheConfig
 
         steps = self.num_inference_steps or num_steps
         if steps is None:
             raise ValueError("magcache.num_inference_steps: the pipeline's step count is not known here; give it")
-        if self.mag_ratios is None and not self.calibrate:
-            raise ValueError("magcache.mag_ratios: MagCache needs the model's ratios; measure them with "
-                             "`vdit-sparse tune --cache magcache --out NAME` and pass --tuned NAME")
         return MagCacheConfig(threshold=self.threshold, max_skip_steps=self.max_skip_steps,
                               retention_ratio=self.retention_ratio, num_inference_steps=steps,
                               mag_ratios=None if self.mag_ratios is None else list(self.mag_ratios),

@@ -114,20 +114,36 @@ def _read_tuned(name_or_path: str) -> tuple[Path, object]:
         raise UserError(f"tuned table {path}: not valid YAML ({first})") from None
 
 
-def load_tuned_table(name_or_path: str) -> dict:
-    """A per-layer table ``{layer: {setting: value}}`` from a tuned YAML (see :func:`find_tuned_table`)."""
+def parse_tuned(data, where: str) -> tuple[dict[int, dict], dict[str, dict]]:
+    """(per-layer table, step-cache settings) of a tuned table's contents, from a file or given as a dict:
+    ``{"layers": {LAYER: {setting: value}}, "caches": {name: {setting: value}}}`` (either section may be
+    missing; ``tune`` writes both), or a bare ``{LAYER: {setting: value}}`` mapping. One parser for both,
+    so a dict in the file's shape means what the file means."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping with 'layers: {{LAYER: {{setting: value}}}}' and/or 'caches'")
+    sectioned = bool({"layers", "caches", "metadata"} & set(map(str, data)))
+    layers = (data.get("layers") or {}) if sectioned else data
+    caches = (data.get("caches") or {}) if sectioned else {}
+    if not isinstance(layers, dict) or not all(isinstance(k, (int, str)) and str(k).isdigit() for k in layers):
+        raise UserError(f"{where}: expected 'layers: {{LAYER: {{setting: value}}}}', LAYER a layer index >= 0")
+    if not isinstance(caches, dict) or not all(isinstance(v, dict) for v in caches.values()):
+        raise UserError(f"{where}: 'caches' must map a cache name to its settings")
+    return {int(k): v for k, v in layers.items()}, caches
+
+
+def load_tuned(name_or_path: str) -> tuple[dict[int, dict], dict[str, dict]]:
+    """(per-layer table, step-cache settings) of a tuned YAML (see :func:`find_tuned_table`,
+    :func:`parse_tuned`); the ``caches`` section holds settings measured for the model, e.g.
+    ``{"magcache": {"mag_ratios": [...]}}`` (written by ``vdit-sparse tune --cache magcache``)."""
     path, data = _read_tuned(name_or_path)
-    layers = data.get("layers", data) if isinstance(data, dict) else None
-    if not isinstance(layers, dict) or not all(str(k).lstrip("-").isdigit() for k in layers):
-        raise UserError(f"tuned table {path}: expected a mapping 'layers: {{LAYER: {{setting: value}}}}'")
-    return {int(k): v for k, v in layers.items()}
+    return parse_tuned(data, f"tuned table {path}")
+
+
+def load_tuned_table(name_or_path: str) -> dict[int, dict]:
+    """The per-layer table ``{layer: {setting: value}}`` of a tuned YAML."""
+    return load_tuned(name_or_path)[0]
 
 
 def load_tuned_caches(name_or_path: str) -> dict[str, dict]:
-    """The ``caches`` section of a tuned table: step-level cache settings measured for the model, e.g.
-    ``{"magcache": {"mag_ratios": [...]}}`` (written by ``vdit-sparse tune --cache magcache``)."""
-    path, data = _read_tuned(name_or_path)
-    caches = data.get("caches", {}) if isinstance(data, dict) else {}
-    if not isinstance(caches, dict) or not all(isinstance(v, dict) for v in caches.values()):
-        raise UserError(f"tuned table {path}: 'caches' must map a cache name to its settings")
-    return caches
+    """The ``caches`` section of a tuned YAML."""
+    return load_tuned(name_or_path)[1]

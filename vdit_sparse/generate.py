@@ -251,7 +251,11 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
 
     try:
         # with compile, a one-step run first pays the compilation, reported apart from the generation
-        compile_s = call(1)[1] if cfg.compile else None
+        if cfg.compile:  # the step cache is laid out for the run's step count, not the warm-up's one step
+            with handle.step_cache_paused():
+                compile_s = call(1)[1]
+        else:
+            compile_s = None
         frames_float, wall = call(m.steps)
         table, computed = handle.stats(), handle.computed()
     finally:

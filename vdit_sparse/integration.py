@@ -10,6 +10,7 @@ handle, which applies the policy and the method. The handle is made of small par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -191,10 +192,13 @@ class _Wiring:
         for model in self.models:
             model.compile(backend=backend)
 
-    def remove(self) -> None:
+    def disable_step_cache(self) -> None:
         for model in self.cached:
             model.disable_cache()
         self.cached.clear()
+
+    def remove(self) -> None:
+        self.disable_step_cache()
         for module, original in self.originals:
             if hasattr(original, "_parallel_config"):  # enable_parallelism after accelerate set it on ours only
                 original._parallel_config = getattr(module.processor, "_parallel_config", original._parallel_config)
@@ -245,11 +249,25 @@ class AccelerateHandle:
             self._last_calls, self._calls = self._calls, []
 
     def _record_call(self, model: str, branch: str, step: int, num_steps: int | None) -> None:
+        if not self._calls and self._wiring.cached:  # a run's first call: is the step cache laid out for it?
+            planned = getattr(self.step_cache, "num_inference_steps", None)
+            if planned is not None and num_steps is not None and planned != num_steps:
+                raise ValueError(f"magcache.num_inference_steps={planned}, but this run has {num_steps} steps; "
+                                 "accelerate again with the run's step count")
         self._calls.append((model, branch, step))
-        planned = getattr(self.step_cache, "num_inference_steps", None)
-        if planned is not None and num_steps is not None and planned != num_steps:
-            raise ValueError(f"magcache.num_inference_steps={planned}, but this run has {num_steps} steps; "
-                             "accelerate again with the run's step count")
+
+    @contextlib.contextmanager
+    def step_cache_paused(self):
+        """Pipeline calls inside run without the step-level cache (a compile warm-up of one step, say);
+        it is enabled again, with fresh state, on leaving."""
+        if not self._wiring.cached:
+            yield
+            return
+        self._wiring.disable_step_cache()
+        try:
+            yield
+        finally:
+            self._wiring.enable_step_cache(self.pipe, self.step_cache, getattr(self.step_cache, "num_inference_steps", None))
 
     # --- the hot path -----------------------------------------------------------------------------
     def entry(self, model: str) -> "HandleEntry":
@@ -377,8 +395,6 @@ def accelerate(
 
 def _load_tuned(tuned) -> tuple[dict, dict]:
     """(per-layer table, step-cache settings) of a tuned table given as a dict or by name/path."""
-    if isinstance(tuned, dict):
-        return tuned, {}
-    from .config import load_tuned_caches, load_tuned_table
+    from .config import load_tuned, parse_tuned
 
-    return load_tuned_table(tuned), load_tuned_caches(tuned)
+    return parse_tuned(tuned, "tuned") if isinstance(tuned, dict) else load_tuned(tuned)

@@ -19,6 +19,11 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def nonnegative(name, v):
+    if not _is_number(v) or v < 0:
+        raise ValueError(f"{name}={v!r}: must be a number >= 0")
+
+
 def fraction(name, v):
     if not _is_number(v) or not 0 < v <= 1:
         raise ValueError(f"{name}={v!r}: must be a number in (0, 1]")
@@ -82,8 +87,27 @@ def setting(default, check, help: str):
 TILESKIP_FIELDS = ("threshold", "refresh_every")
 
 
+class Checked:
+    """Base of frozen settings dataclasses: YAML/JSON lists become tuples (settings are hashable) and every
+    field is checked by the validator in its metadata, under the name ``label(field)`` errors show."""
+
+    def label(self, name: str) -> str:
+        return name
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, value := tuple(value))
+            f.metadata["check"](self.label(f.name), value)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(Checked):
     """What every method shares: dense warm-up, dense layers, block size, and the tile-skip knobs."""
 
     method: ClassVar[str] = ""
@@ -98,16 +122,6 @@ class Settings:
     )
     refresh_every: int = setting(5, positive_int, "tile-skip: calls of a (branch, layer) between full re-checks")
 
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):  # YAML and JSON give lists; settings are hashable
-                object.__setattr__(self, f.name, value := tuple(value))
-            f.metadata["check"](f.name, value)
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
     @classmethod
     def own_names(cls) -> list[str]:
