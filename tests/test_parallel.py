@@ -37,8 +37,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node 2`` on 127.0.0.1 with ``args``, one CPU thread per process."""
+def torchrun(args: list[str], cwd: Path, timeout: int = 300, code: int = 0) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2`` on 127.0.0.1 with ``args``, one CPU thread per process; exits with ``code``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -46,7 +46,7 @@ def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Compl
            "--master-port", str(free_port()), *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in done.stderr.splitlines() if "Warning" not in line and "warn" not in line]
-    assert done.returncode == 0, f"torchrun {' '.join(args)} failed:\n" + "\n".join(lines[-60:])
+    assert done.returncode == code, f"torchrun {' '.join(args)} exited {done.returncode}:\n" + "\n".join(lines[-60:])
     return done
 
 
@@ -196,3 +196,8 @@ def test_torchrun_generate_and_compare_write_once_with_the_one_device_density(tm
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["prompts"][0]["density"] == pytest.approx(one_sidecar["density"], abs=1e-6)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the dense reference, stored once
+
+    # another comparison into the same report: rank 0 refuses, and the other rank stops too instead of waiting
+    done = torchrun(["-m", "vdit_sparse", "compare", prompt, *flags, "--density", "0.25", "--ulysses-degree", "2",
+                     "--report", "report", "--no-lpips", "--no-timing"], cwd=tmp_path, timeout=120, code=1)
+    assert "report" in done.stderr and "--overwrite" in done.stderr

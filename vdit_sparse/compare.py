@@ -444,10 +444,21 @@ def main(argv: list[str], generate_fn=None) -> int:
     report = Path(args.report)
     parallel.start(args.ulysses_degree, "compare")
     if not parallel.is_main():  # under torchrun: the other ranks make the same runs and write nothing
+        refusal = parallel.from_main(None)  # rank 0's verdict on the report folder, or they would wait forever
+        if refusal:
+            raise UserError(refusal)
         return _compare(args, pairs, report, generate_fn)
-    with report_lock(report):
-        claim_report_dir(report, identity(pairs, args.against), args.overwrite)
-        return _compare(args, pairs, report, generate_fn)
+    claimed = False
+    try:
+        with report_lock(report):
+            claim_report_dir(report, identity(pairs, args.against), args.overwrite)
+            claimed = True
+            parallel.from_main(None)
+            return _compare(args, pairs, report, generate_fn)
+    except UserError as e:
+        if not claimed:
+            parallel.from_main(str(e))
+        raise
 
 
 def _compare(args, pairs: list[Pair], report: Path, generate_fn) -> int:

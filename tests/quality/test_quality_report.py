@@ -178,3 +178,13 @@ def test_report_html_opens_in_headless_chromium_and_its_video_loads(tmp_path):
     dom = _chromium_dom(paths["html"])
     assert "<video" in dom and 'data-state="loaded"' in dom, dom[-2000:]
     assert 'data-state="error"' in _chromium_dom(broken)
+
+
+def test_two_model_runs_name_the_rows_of_the_density_map_with_or_without_a_step_cache():
+    metrics, entry = _metrics_and_entry()
+    entry.stats = entry.stats + [dict(r, model="transformer_2") for r in entry.stats]
+    html = render_html(metrics, [entry], "t")
+    assert "<p>layers: transformer.0, transformer.1, transformer.2, transformer_2.0," in html
+    assert "computed (layer × step" not in html  # no step cache: no computed map
+    metrics, entry = _metrics_and_entry()
+    assert "<p>layers:" not in render_html(metrics, [entry], "t")  # one model: rows are layer indices

@@ -196,8 +196,8 @@ def _entry_html(entry: ReportEntry) -> str:
     computed = computed_matrix(entry.computed, labels)
     if computed.size and (computed < 1).any():  # a step-level cache skipped some layers
         parts.append(plots.heatmap(computed, "computed (layer × step; 0: served by the step cache)", "step", "layer"))
-        if len(labels) and not labels[0].isdigit():
-            parts.append(f"<p>layers: {escape(', '.join(labels))}</p>")
+    if matrix.size and not labels[0].isdigit():  # several models: the maps' rows are model.layer
+        parts.append(f"<p>layers: {escape(', '.join(labels))}</p>")
     parts.append("</div>")
     if m.get("lpips_unavailable"):
         parts.append(f"<p>LPIPS unavailable: {escape(m['lpips_unavailable'])}</p>")
