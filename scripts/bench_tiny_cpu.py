@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
     todo = args.only or ["defaults", "density", "tune", "caches"]
     timings = {}
-    for steps in args.steps if "caches" in todo else [10]:
+    for steps in args.steps if "caches" in todo else args.steps[:1]:
         # MagCache's ratios, measured on tune's own calibration prompts (training captions), not the held-out ones
         magcache = args.out / f"magcache-{steps}.yaml"
         if "caches" in todo and not magcache.exists():

@@ -18,17 +18,27 @@ def bench():
     return module
 
 
-def test_every_command_parses_with_the_cli(bench, tmp_path):
+def test_every_command_is_accepted_by_the_cli(bench, tmp_path, monkeypatch):
+    # what the commands check before any model work: flags, sweeps, settings, the tuned table's ratios
     from vdit_sparse import compare
     from vdit_sparse.tune import command as tune
 
-    plans = bench.experiments(tmp_path / "prompts.txt", tmp_path / "magcache-10.yaml", 10)
+    monkeypatch.setenv("VDIT_SPARSE_HOME", str(tmp_path / "home"))
+    prompts, magcache = tmp_path / "prompts.txt", tmp_path / "magcache-10.yaml"
+    prompts.write_text("a red square moving right on a plain background\n")
+    magcache.write_text("caches:\n  magcache: {mag_ratios: [1.0, 0.95, 0.96, 0.97, 0.97, 0.97, 0.98, 0.98, 1.0, 1.05]}\n")
+    plans = bench.experiments(prompts, magcache, 10)
     assert set(plans) == {"defaults", "density", "tune", "caches"}
     for commands in plans.values():
         for argv in commands:
             argv = [a.replace("{out}", str(tmp_path)) for a in argv]
-            args = {"compare": compare.parse_args, "tune": tune.parse_args}[argv[0]](argv[1:])
-            assert "--steps" in argv and args.steps == 10
+            if argv[0] == "compare":
+                pairs = compare.plan_pairs(compare.parse_args(argv[1:]))
+                assert pairs and all(p.accelerated.steps == 10 for p in pairs)
+            else:
+                args = tune.parse_args(argv[1:])
+                tune.check_args(args)
+                assert tune.knob_values(args) and args.steps == 10
 
 
 def test_summary_tables(bench, tmp_path):

@@ -44,5 +44,7 @@ def test_fraction_without_step_count_is_a_clear_error():
 
 def test_forced_dense_calls_skip_the_cache():
     pol = Policy.build("svg", settings_for("svg", {"warmup_steps": 1}, "tileskip"), cache="tileskip")
-    assert pol.resolve(0, 0, 4)[2] == "none"
-    assert pol.resolve(0, 1, 4)[2] == "tileskip"
+    assert pol.resolve(0, 0, 4)[2] is False  # a warm-up step: dense, no tile-skip
+    assert pol.resolve(0, 1, 4)[2] is True
+    assert Policy.build("svg", settings_for("svg"), cache="tileskip+magcache").resolve(0, 3, 4)[2] is True
+    assert Policy.build("svg", settings_for("svg"), cache="magcache").resolve(0, 3, 4)[2] is False

@@ -253,8 +253,8 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
     from vdit_sparse.tune.calibrate import Candidate
 
     densities = (0.1, 0.2, 0.4)
-    cands = [Candidate({"density": d}, "svg", settings_for("svg", {"density": d}), "none") for d in densities]
-    cands.append(Candidate({"attention": "dense"}, "dense", settings_for("dense"), "none"))
+    cands = [Candidate({"density": d}, "svg", settings_for("svg", {"density": d}), False) for d in densities]
+    cands.append(Candidate({"attention": "dense"}, "dense", settings_for("dense"), False))
     options = {layer: _curve([0.4 * s, 0.2 * s, 0.08 * s, 0.0], densities + (1.0,)) for layer, s in ((0, 0.3), (1, 1.0), (2, 2.0))}
 
     def law(error):  # PSNR of a run whose mean attention error is ``error``

@@ -23,11 +23,11 @@ def check_qkv(q, k, v, layout: VideoLayout) -> None:
     layout.check(q.shape[2], "q sequence length")
 
 
-def run_method(q, k, v, ctx: AttentionContext, method: Method, settings: Settings, cache: str = "none"):
+def run_method(q, k, v, ctx: AttentionContext, method: Method, settings: Settings, tileskip: bool = False):
     """Plan and compute one call of q, k, v (B, H, N, D). Returns (out, info), ``info["density"]`` (B, H).
 
     ``out`` is None when the method planned nothing (dense) and no tile-skip cache runs: the caller
-    makes its own dense call (the stock one, in a pipeline). With tile-skip the plan (every block, for
+    makes its own dense call (the stock one, in a pipeline). With ``tileskip`` the plan (every block, for
     dense) runs minus the tiles marked negligible at earlier calls of this (branch, layer), and the
     marks are updated (vdit_sparse.tileskip).
     """
@@ -35,7 +35,7 @@ def run_method(q, k, v, ctx: AttentionContext, method: Method, settings: Setting
 
     plan, info = method.plan(q, k, ctx, settings, v=v)
     out = None
-    if "tileskip" in cache.split("+"):
+    if tileskip:
         if plan is None:
             plan = full_plan(q.shape[0], q.shape[1], q.shape[2], settings.block_size, q.device)
         out, plan, stats = run_with_tileskip(

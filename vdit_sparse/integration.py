@@ -117,7 +117,7 @@ def check_context_parallel(transformer, policy: Policy) -> None:
     """Refuse now what the processors would refuse at the first call: a plan under ring attention, or heads
     that do not divide among the Ulysses ranks."""
     cp = context_parallel(context_parallel_config(transformer))
-    if cp is not None and (policy.method != "dense" or policy.layers or "tileskip" in policy.cache.split("+")):
+    if cp is not None and (policy.method != "dense" or policy.layers or policy.tileskip):
         check_supported(cp, transformer.config.num_attention_heads, f"{type(transformer).__name__}")
 
 
@@ -283,20 +283,20 @@ class AccelerateHandle:
         """Whether this call plans (a method or tile-skip runs) or is observed: its q, k, v must then hold
         the whole sequence, which under Ulysses the processor exchanges for."""
         ctx = self._call()
-        method, _, cache = self.policy.resolve(layer, ctx.step, ctx.num_steps)
-        return method != "dense" or "tileskip" in cache.split("+") or bool(self._observers)
+        method, _, tileskip = self.policy.resolve(layer, ctx.step, ctx.num_steps)
+        return method != "dense" or tileskip or bool(self._observers)
 
     def _attend(self, layer, q, k, v, dense_fn, dense=False, heads=None):
         """``dense=True``: the processor needs the stock call (an input no plan can express); it is recorded.
         ``heads``: (first, total) when q, k, v hold some of the model's heads (a Ulysses rank)."""
         ctx = dataclasses.replace(self._call(), layer=layer, heads=heads)
         ctx.state = self.states.get(ctx)
-        method, settings, cache = ("dense", None, "none") if dense else self.policy.resolve(layer, ctx.step, ctx.num_steps)
+        method, settings, tileskip = ("dense", None, False) if dense else self.policy.resolve(layer, ctx.step, ctx.num_steps)
         timer = Timer(q.device)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views, no copy
         out, info = None, {}
-        if method != "dense" or "tileskip" in cache.split("+"):
-            out, info = run_method(qt, kt, vt, ctx, self.methods[method], settings, cache)
+        if method != "dense" or tileskip:
+            out, info = run_method(qt, kt, vt, ctx, self.methods[method], settings, tileskip)
         out = dense_fn(q, k, v) if out is None else out.transpose(1, 2)  # (B, N, H, D)
         density = info["density"].mean() if "density" in info else 1.0  # tensors: read at stats()
         self._stats.record(timer.stop(), step=ctx.step, layer=layer, branch=ctx.branch, model=ctx.model,

@@ -15,6 +15,12 @@ class Policy:
     cache: str = "none"
     # layer -> (method, settings): a tuned table or hand overrides, resolved once
     layers: dict[int, tuple[str, Settings]] = field(default_factory=dict)
+    tileskip: bool = field(init=False)  # whether ``cache`` runs tile-skip, parsed once
+
+    def __post_init__(self):
+        from .caches import parse_cache
+
+        object.__setattr__(self, "tileskip", parse_cache(self.cache)[0])
 
     @classmethod
     def build(cls, method: str, settings: Settings, cache: str = "none", table: dict | None = None) -> "Policy":
@@ -52,9 +58,9 @@ class Policy:
         dl = self.settings.dense_layers
         return layer < dl if isinstance(dl, int) else layer in dl
 
-    def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Settings, str]:
-        """(method, settings, cache) for one call; warm-up steps and dense layers run plain dense."""
+    def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Settings, bool]:
+        """(method, settings, tile-skip on) for one call; warm-up steps and dense layers run plain dense."""
         if step < self.warmup_count(num_steps) or self.is_dense_layer(layer):
-            return "dense", self.settings, "none"
+            return "dense", self.settings, False
         method, settings = self.layers.get(layer, (self.method, self.settings))
-        return method, settings, self.cache
+        return method, settings, self.tileskip

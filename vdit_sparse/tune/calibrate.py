@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..attention import run_method
+from ..caches import parse_cache
 from ..methods import METHODS, AttentionContext
 from ..settings import Settings
 from .cost import CallShape
@@ -34,7 +35,7 @@ TILESKIP_KNOB = ("threshold", (-20.0, -14.4, -11.5, -8.7, -5.8, -4.3, -2.9, -1.4
 
 def knobs_of(attention: str, cache: str) -> dict[str, tuple]:
     """The knobs tune may vary for this method and cache, with their default values; the first is the default."""
-    if "tileskip" in cache.split("+"):
+    if parse_cache(cache)[0]:
         return dict([TILESKIP_KNOB])
     return dict(METHODS[attention].knobs)
 
@@ -46,7 +47,7 @@ class Candidate:
     setting: dict  # the layer's entry in the tuned table, e.g. {"density": 0.2} or {"attention": "dense"}
     method: str
     params: Settings
-    cache: str
+    tileskip: bool  # run with the tile-skip cache
 
     @property
     def label(self) -> str:
@@ -60,16 +61,16 @@ def candidates(attention: str, cache: str, knob: str, values, base: Settings) ->
     svg2's k-means advances once per call, in the first candidate: the others reuse its centroids
     (``kmeans_iters_step=0``) and differ only in which cluster pairs they keep, as their settings do.
     """
-    shared = knob != TILESKIP_KNOB[0]
+    shared, tileskip = knob != TILESKIP_KNOB[0], parse_cache(cache)[0]
     out = []
     for i, v in enumerate(values):
         params = base.updated(**{knob: v})
         if shared and i > 0 and "kmeans_iters_step" in base.names():
             params = params.updated(kmeans_iters_step=0)
-        out.append(Candidate({knob: v}, attention, params, cache))
+        out.append(Candidate({knob: v}, attention, params, tileskip))
     if shared:
         dense = METHODS["dense"].Settings(**{k: getattr(base, k) for k in Settings.names()})
-        out.append(Candidate({"attention": "dense"}, "dense", dense, "none"))
+        out.append(Candidate({"attention": "dense"}, "dense", dense, False))
     return out
 
 
@@ -111,7 +112,7 @@ class Recorder:
             key = (call.model, call.branch, call.layer) if self.share_state else (call.model, call.branch, call.layer, i)
             ctx = replace(call, state=self._state.setdefault(key, {}))
             method = self._methods.setdefault(cand.method, METHODS[cand.method]())
-            approx, info = run_method(q, k, v, ctx, method, cand.params, cache=cand.cache)
+            approx, info = run_method(q, k, v, ctx, method, cand.params, tileskip=cand.tileskip)
             if approx is None:  # a dense candidate: exactly the dense output
                 approx = exact
             self.observed[(call.layer, i)].append((relative_error(approx, exact), float(info["density"].float().mean())))
