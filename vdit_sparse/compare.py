@@ -21,6 +21,7 @@ One comparison writes a report directory at a time: a second one is refused (a l
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import itertools
 import json
@@ -58,11 +59,11 @@ class Pair:
     setting: tuple  # ((key, value), ...) of the sweep; () without one
     label: str
 
-    @property
-    def ref_key(self) -> str:
+    @functools.cached_property
+    def ref_key(self) -> str:  # the model's fingerprint walks its folder: once per pair
         return reference_key(self.reference)
 
-    @property
+    @functools.cached_property
     def acc_key(self) -> str:
         return self.accelerated.key()
 
@@ -289,6 +290,7 @@ def _ratio(num, den):
 def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: bool) -> dict:
     """One metrics.json entry: the contract's headline keys first, then everything else."""
     from .quality import compare_videos
+    from .stats import computed_share
 
     q = compare_videos(
         ref.frames, acc.frames, a_float=ref.frames_float, b_float=acc.frames_float, prompt=pair.prompt, lpips=lpips
@@ -302,17 +304,11 @@ def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: boo
         "wall_s": acc.wall_s, "reference_wall_s": timed.get("wall_s"), "device": (acc.config or {}).get("device"),
         "attention_ms": acc.attention_ms, "reference_attention_ms": timed.get("attention_ms"),
         "requested_density": _requested_density(pair.accelerated, acc),
-        "computed_share": _computed_share(acc),
+        "computed_share": computed_share(getattr(acc, "computed", None) or []),
     }
     entry.update(q)
     entry.update({"run": pair.acc_key, "reference_run": pair.ref_key})
     return entry
-
-
-def _computed_share(acc: GenerationResult):
-    """Share of self-attention layers that ran, over the run's transformer calls (the rest: a step-level cache)."""
-    computed = getattr(acc, "computed", None) or []
-    return sum(c["computed"] for c in computed) / len(computed) if computed else None
 
 
 def _requested_density(req: GenerateRequest, acc: GenerationResult):
@@ -386,37 +382,39 @@ def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn, tim
     Before each accelerated run made here, its reference runs in this process (for the first time, to fill
     the cache, or again with ``timing``), so the two timings of a speed-up are taken one after the other.
     """
-    todo = list({p.acc_key: p for p in pairs if not runs.has(p.acc_key)}.values())
-    with _progress(_run_count(pairs, todo, cache, timing), "runs") as bar:
-        for p in pairs:
-            reference = None
-            if not cache.has(p.ref_key):
-                bar.set_postfix_str(f"{p.reference.attention} {p.prompt[:30]}")
-                reference = generate_fn(p.reference)
-                cache.save(p.ref_key, p.reference, reference)
-                bar.update()
-            if p not in todo:
-                continue
-            todo.remove(p)
-            if reference is None and timing:  # a cached video: time the reference again, now
-                bar.set_postfix_str(f"{p.reference.attention} (timing) {p.prompt[:30]}")
-                reference = generate_fn(p.reference)
-                bar.update()
-            bar.set_postfix_str(f"{p.accelerated.attention} {p.prompt[:30]}")
-            accelerated = generate_fn(p.accelerated)
-            timed = None if reference is None else {"wall_s": reference.wall_s, "attention_ms": reference.attention_ms}
-            runs.save(p.acc_key, p.accelerated, accelerated, timing_reference=timed)
+    schedule = plan_runs(pairs, cache, runs, timing)
+    with _progress(len(schedule), "runs") as bar:
+        previous = None  # (kind, pair, result) of the run just made
+        for kind, p in schedule:
+            request = p.accelerated if kind == "accelerated" else p.reference
+            bar.set_postfix_str(f"{request.attention}{' (timing)' if kind == 'timing' else ''} {p.prompt[:30]}")
+            result = generate_fn(request)
+            if kind == "reference":
+                cache.save(p.ref_key, p.reference, result)
+            elif kind == "accelerated":
+                ref = previous[2] if previous and previous[0] != "accelerated" and previous[1] is p else None
+                timed = None if ref is None else {"wall_s": ref.wall_s, "attention_ms": ref.attention_ms}
+                runs.save(p.acc_key, p.accelerated, result, timing_reference=timed)
+            previous = (kind, p, result)
             bar.update()
 
 
-def _run_count(pairs: list[Pair], todo: list[Pair], cache: RunStore, timing: bool) -> int:
-    """How many runs run_all makes: new references, accelerated runs, and references timed again."""
-    count, fresh = 0, set()
+def plan_runs(pairs: list[Pair], cache: RunStore, runs: RunStore, timing: bool) -> list[tuple[str, Pair]]:
+    """The runs run_all makes, in order: ("reference", p) fills the cache; ("timing", p) runs a stored
+    reference again just before its accelerated run; ("accelerated", p) once per setting not stored."""
+    schedule, made, todo = [], set(), set()
     for p in pairs:
-        just_made = p.ref_key not in fresh and not cache.has(p.ref_key)
-        fresh.add(p.ref_key)
-        count += just_made + (p in todo) * (1 + (timing and not just_made))
-    return count
+        fresh = p.ref_key not in made and not cache.has(p.ref_key)
+        if fresh:
+            schedule.append(("reference", p))
+            made.add(p.ref_key)
+        if p.acc_key in todo or runs.has(p.acc_key):
+            continue
+        todo.add(p.acc_key)
+        if timing and not fresh:
+            schedule.append(("timing", p))
+        schedule.append(("accelerated", p))
+    return schedule
 
 
 def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore, lpips: bool) -> list[dict]:

@@ -312,7 +312,7 @@ def versions() -> dict:
 
 
 def sidecar(result: GenerationResult) -> dict:
-    from .stats import density_by_layer
+    from .stats import computed_share, density_by_layer
 
     return {
         "config": result.config,
@@ -324,7 +324,7 @@ def sidecar(result: GenerationResult) -> dict:
         "attention_ms": round(result.attention_ms, 3),
         "density": result.density,
         "density_per_layer": density_by_layer(result.stats),
-        "computed_share": (sum(c["computed"] for c in result.computed) / len(result.computed)) if result.computed else None,
+        "computed_share": computed_share(result.computed),
         "computed": result.computed,  # per transformer call: the self-attention layers that ran (the rest: a step cache)
         "frames": list(result.frames.shape),
     }

@@ -24,7 +24,7 @@ from .pipelines import adapter_for
 from .pipelines.ulysses import check_supported, context_parallel
 from .policy import Policy
 from .settings import settings_for
-from .stats import Stats, Timer, gather_ranks, summarize
+from .stats import Stats, Timer, computed_share, gather_ranks, summarize
 
 HOOK_NAME = "vdit_sparse"
 
@@ -322,16 +322,19 @@ class AccelerateHandle:
         """One dict per self-attention call of the latest run: step, layer, branch, model, method, density,
         heads, ms. Under Ulysses every rank must call it (before ``remove()``): each call's density is
         averaged over the heads of all ranks, ms is the slowest rank's."""
-        table = self._stats.table() if self._stats.rows else self._last_run
+        table = self._local_stats()
         group = ulysses_group(self._wiring.models)
         return table if group is None else gather_ranks(table, group)
+
+    def _local_stats(self) -> list[dict]:
+        return self._stats.table() if self._stats.rows else self._last_run
 
     def computed(self) -> list[dict]:
         """Per transformer call of the latest run (model, branch, step): which self-attention layers ran and the
         share that did; the others were served by a step-level cache (their blocks or attention were skipped)."""
         calls = self._calls or self._last_calls
         ran: dict[tuple, set] = {}
-        for row in self.stats():
+        for row in self._local_stats():  # every rank makes the same calls: no need to gather
             ran.setdefault((row["model"], row["branch"], row["step"]), set()).add(row["layer"])
         out = []
         for model, branch, step in calls:
@@ -343,8 +346,7 @@ class AccelerateHandle:
 
     def summary(self) -> dict:
         out = summarize(self.stats())
-        computed = self.computed()
-        out["computed"] = sum(c["computed"] for c in computed) / len(computed) if computed else None
+        out["computed"] = computed_share(self.computed())
         return out
 
 

@@ -92,3 +92,9 @@ def density_by_layer(table: list[dict]) -> dict[str, float]:
     for r in table:
         acc.setdefault(f"{r['model']}.{r['layer']}", []).append(r["density"])
     return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def computed_share(computed: list[dict]) -> float | None:
+    """Mean share of self-attention layers that ran per transformer call (``AccelerateHandle.computed()``
+    rows; the rest were served by a step-level cache), or None without calls."""
+    return sum(c["computed"] for c in computed) / len(computed) if computed else None

@@ -63,14 +63,15 @@ def validate(pipe, requests, table: Path) -> dict:
     """MagCache at its default threshold with the measured ratios, against dense: PSNR, blocks computed, time."""
     from ..generate import run_generation
     from ..quality import psnr
+    from ..stats import computed_share
+    from .command import PSNR_CAP
 
     rows = []
     for req in requests:
         dense = run_generation(req, pipe=pipe, progress=False)
         cached = run_generation(replace(req, cache="magcache", tuned=str(table)), pipe=pipe, progress=False)
-        computed = [r["computed"] for r in cached.computed] if cached.computed else []
-        rows.append({"prompt": req.prompt, "psnr": min(psnr(dense.frames, cached.frames), 100.0),
-                     "computed_share": float(np.mean(computed)) if computed else None,
+        rows.append({"prompt": req.prompt, "psnr": min(psnr(dense.frames, cached.frames), PSNR_CAP),
+                     "computed_share": computed_share(cached.computed),
                      "speedup": dense.wall_s / cached.wall_s})
     return {"prompts": rows, "mean_psnr": float(np.mean([r["psnr"] for r in rows])),
             "mean_speedup": float(np.mean([r["speedup"] for r in rows]))}
