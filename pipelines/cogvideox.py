@@ -66,7 +66,6 @@ class CogVideoXAdapter(Adapter):
     latents = "BFCHW"
     forward_args = ("hidden_states", "encoder_hidden_states")
     text = "before"
-    batched_cfg = True  # "cond_uncond": one call
     processor = CogVideoXJointAttnProcessor
     unsupported_caches = {
         "seacache": "diffusers' SeaCache (0.42) never reuses its residual on this family: measured, nothing skipped",

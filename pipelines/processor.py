@@ -95,7 +95,6 @@ class Adapter:
     latents: str = "BCFHW"
     forward_args: tuple[str, ...] = ("hidden_states", "timestep", "encoder_hidden_states")
     text: str = "none"
-    batched_cfg: bool = False  # the pipeline runs both guidance branches in one transformer call
     # step-level caches (vdit_sparse.caches) that do not work with this family, and why
     unsupported_caches: dict[str, str] = {
         "fastercache": "its pipeline runs the guidance branches apart, and FasterCache reuses the unconditional half of "

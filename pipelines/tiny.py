@@ -92,8 +92,6 @@ def build_tiny_pipeline(seed: int = SEED):
     """The embedded default WanPipeline: trained weights when shipped, else random from ``seed``."""
     from diffusers import WanPipeline
 
-    from . import patch_vae  # noqa: F401  diffusers loads the vae's class only once its module is imported
-
     from diffusers.utils import logging as diffusers_logging
 
     weights = packaged_weights_dir()

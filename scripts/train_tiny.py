@@ -457,6 +457,7 @@ def attention_structure(pipe, generate, prompts: list[str], seed: int) -> dict:
     the mean entropy of a dense run's attention rows relative to uniform (1.0: no structure), svg's head shares
     (spatial / temporal / dense) and svg2's realised density at its defaults (top_p 0.9), warm-up excluded."""
     import vdit_sparse
+    from vdit_sparse.stats import density_by_layer
 
     entropy: dict[str, list[float]] = {}
 
@@ -480,18 +481,11 @@ def attention_structure(pipe, generate, prompts: list[str], seed: int) -> dict:
         if attention == "svg":
             out["svg_head_shares"] = head_shares_by_layer(table)
         elif attention == "svg2":
-            out["svg2_density"] = density_by_layer(table, "svg2")
+            # over svg2's own calls: the warm-up steps, which run dense, left out
+            by_layer = density_by_layer([row for row in table if row.get("method") == "svg2"])
+            out["svg2_density"] = {key.split(".")[-1]: round(v, 4) for key, v in by_layer.items()}
     out["attention_entropy"] = {layer: round(sum(v) / len(v), 4) for layer, v in sorted(entropy.items(), key=lambda i: int(i[0]))}
     return out
-
-
-def density_by_layer(table: list[dict], method: str) -> dict[str, float]:
-    """Mean realised density per layer over ``method``'s calls (warm-up steps, which run dense, excluded)."""
-    by_layer: dict[str, list[float]] = {}
-    for row in table:
-        if row.get("method") == method:
-            by_layer.setdefault(str(row["layer"]), []).append(row["density"])
-    return {layer: round(sum(v) / len(v), 4) for layer, v in sorted(by_layer.items(), key=lambda i: int(i[0]))}
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ import numpy as np
 from . import parallel
 from .errors import UserError
 from .generate import (
-    OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, request_from_args,
+    OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, read_prompt_file,
+    request_from_args,
 )
 from .runs import RunStore, default_cache_dir, reference_key
 
@@ -105,17 +106,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not args.prompt.strip():
             raise UserError("PROMPT='': must be non-empty text")
         return [args.prompt]
-    path = Path(args.prompts)
-    if not path.is_file():
-        raise UserError(f"--prompts {str(path)!r}: no such file; expected a text file with one prompt per line")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompts {str(path)!r}: not UTF-8 text (byte {e.start}); expected one prompt per line") from None
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise UserError(f"--prompts {str(path)!r}: holds no prompt; expected one prompt per line")
-    return prompts
+    return read_prompt_file(args.prompts, "--prompts")
 
 
 def _parse_value(text: str):
@@ -500,25 +491,21 @@ def machine_load() -> float | None:
         return None
 
 
-DENSITY_GAP = 0.1  # realised density this far from the requested one deserves a word
 
 
 def density_warnings(entries: list[dict], sweep: list[dict] | None) -> list[str]:
     """What a reader of the numbers should know: densities that did not come out as asked, sweep points that
     realised the same density (too small a token grid for the blocks), and what a CPU speed-up means."""
+    from .stats import DENSITY_GAP, same_density
+
     out = []
     for e in entries:
         want, got = e.get("requested_density"), e.get("density")
         if want is not None and got is not None and abs(want - got) > DENSITY_GAP:
             out.append(f"{e['label']}: density {want} requested, {got:.3f} realised (the token grid is too small for "
                        "that budget at this block size, or warm-up and dense layers add to it)")
-    realised: dict = {}
-    for point in sweep or []:
-        d = point["mean"].get("density")
-        if d is not None:
-            realised.setdefault(round(d, 3), []).append(point["label"])
-    out += [f"sweep points {', '.join(labels)} realise the same density {d}: they are one setting here"
-            for d, labels in realised.items() if len(labels) > 1]
+    out += same_density([(p["label"], p["mean"]["density"]) for p in sweep or [] if p["mean"].get("density") is not None],
+                        "sweep points")
     if any(e.get("device") == "cpu" and e.get("speedup") is not None for e in entries):
         out.append("speed-ups measured on a CPU: sparse attention runs through PyTorch paths there and is slower than "
                    "dense; the speed-up is a GPU matter (BENCHMARKS.md)")

@@ -390,6 +390,21 @@ def parse_generation_args(parser: argparse.ArgumentParser, argv: list[str]) -> a
     return args
 
 
+def read_prompt_file(path: str, flag: str) -> list[str]:
+    """The prompts of a text file given as ``flag``: one per line, blank lines and # comments skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path!r}: no such file; expected a text file with one prompt per line")
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {path!r}: not UTF-8 text (byte {e.start}); expected one prompt per line") from None
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise UserError(f"{flag} {path!r}: holds no prompt; expected one prompt per line")
+    return prompts
+
+
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
     """The request of parsed flags; its settings are checked against the method now, before any model work."""
     from .caches import parse_cache

@@ -180,7 +180,7 @@ class _Wiring:
         check_context_parallel(transformer, handle.policy)
         for layer, module in adapter.self_attention(transformer):
             self.originals.append((module, module.processor))
-            processor = adapter.processor(handle.entry(name), layer, module.processor)
+            processor = adapter.processor(handle.entry(), layer, module.processor)
             # enabled before us on a stock processor without the attribute (CogVideoX's): the model has it
             processor._parallel_config = processor._parallel_config or context_parallel_config(transformer)
             module.set_processor(processor)
@@ -270,7 +270,7 @@ class AccelerateHandle:
             self._wiring.enable_step_cache(self.pipe, self.step_cache, getattr(self.step_cache, "num_inference_steps", None))
 
     # --- the hot path -----------------------------------------------------------------------------
-    def entry(self, model: str) -> "HandleEntry":
+    def entry(self) -> "HandleEntry":
         """What a processor calls: ``attend(layer, q, k, v, dense_fn, dense=False, heads=None)``, (B, N, H, D)."""
         return HandleEntry(self)
 

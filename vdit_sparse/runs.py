@@ -2,8 +2,8 @@
 
 A run is one generated video with its timings and statistics, stored whole or not at all under a key:
 ``GenerateRequest.key()`` for accelerated runs, :func:`reference_key` (the request, the model's files and
-this package's version) for cached references. Timings carry the id of the process that took them
-(``SESSION``); compare divides only timings taken in one process.
+this package's version) for cached references. An accelerated run keeps the timing of the reference
+run made just before it in the same process (``timing_reference``): a speed-up divides only those two.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 from .atomicfile import metrics_json
 from .generate import GenerateRequest, GenerationResult
 
-SESSION = os.urandom(8).hex()  # this process: timings of one session may be divided by each other
 STAT_KEYS = ("step", "layer", "branch", "model", "method", "density", "ms")  # what a stored run keeps per call
 
 
@@ -48,7 +47,7 @@ class RunStore:
                 "request": _request_json(req), "wall_s": float(result.wall_s), "attention_ms": float(result.attention_ms),
                 "density": None if result.density is None else float(result.density),
                 "stats": [{k: r[k] for k in STAT_KEYS if k in r} for r in result.stats],
-                "config": result.config, "session": SESSION, "timing_reference": timing_reference,
+                "config": result.config, "timing_reference": timing_reference,
                 "computed": getattr(result, "computed", []) or [],
             }
             (tmp / "result.json").write_text(metrics_json(meta), encoding="utf-8")

@@ -98,3 +98,16 @@ def computed_share(computed: list[dict]) -> float | None:
     """Mean share of self-attention layers that ran per transformer call (``AccelerateHandle.computed()``
     rows; the rest were served by a step-level cache), or None without calls."""
     return sum(c["computed"] for c in computed) / len(computed) if computed else None
+
+
+DENSITY_GAP = 0.1  # a realised density this far from the requested one deserves a word
+
+
+def same_density(points: list[tuple[object, float]], what: str) -> list[str]:
+    """A warning per group of ``points`` (label, realised density) that realise the same density (to 3 places):
+    too small a token grid for the blocks makes different settings one."""
+    groups: dict[float, list[str]] = {}
+    for label, density in points:
+        groups.setdefault(round(density, 3), []).append(str(label))
+    return [f"{what} {', '.join(labels)} realise the same density {d}: they are one setting here"
+            for d, labels in groups.items() if len(labels) > 1]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..generate import GenerateRequest, add_generation_args, parse_generation_args, request_from_args
+from ..generate import GenerateRequest, add_generation_args, parse_generation_args, read_prompt_file, request_from_args
 from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
 from .cost import CostModel, load_cost_model
 from .search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
@@ -158,19 +158,7 @@ def out_path(args) -> Path:
 
 
 def read_prompts(path: str | None, default: tuple[str, ...], flag: str) -> list[str]:
-    if path is None:
-        return list(default)
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {path!r}: no such file; expected a text file with one prompt per line")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{flag} {path!r}: not UTF-8 text (byte {e.start}); expected one prompt per line") from None
-    prompts = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
-    if not prompts:
-        raise UserError(f"{flag} {path!r}: holds no prompt; expected one prompt per line")
-    return prompts
+    return list(default) if path is None else read_prompt_file(path, flag)
 
 
 # --- runs --------------------------------------------------------------------------------------------
@@ -302,18 +290,17 @@ def _realised_density(opts: list[Option], knob: str):
 def grid_warnings(options: dict[int, list[Option]], knob: str) -> list[str]:
     """What the calibration says about the candidates themselves: a requested density the token grid cannot
     realise (off by more than 0.1 on average), and candidate values that realise the same density."""
-    out, realised = [], {}
+    from ..stats import DENSITY_GAP, same_density
+
+    out, realised = [], []
     values = list(dict.fromkeys(o.setting[knob] for opts in options.values() for o in opts if knob in o.setting))
     for value in values:
-        got = [o.density for opts in options.values() for o in opts if o.setting.get(knob) == value]
-        mean = float(np.mean(got))
-        realised.setdefault(round(mean, 3), []).append(value)
-        if knob == "density" and abs(mean - value) > 0.1:
+        mean = float(np.mean([o.density for opts in options.values() for o in opts if o.setting.get(knob) == value]))
+        realised.append((value, mean))
+        if knob == "density" and abs(mean - value) > DENSITY_GAP:
             out.append(f"density {value} realises {mean:.3f} on average: the token grid is too small for that "
                        "budget at this block size (more frames or pixels, or a smaller block_size)")
-    out += [f"{knob} values {', '.join(map(str, vs))} realise the same density {d}: they are one setting here"
-            for d, vs in realised.items() if len(vs) > 1]
-    return out
+    return out + same_density(realised, f"{knob} values")
 
 
 def search(args, options, target_error: float) -> dict[int, Option]:
