@@ -207,6 +207,14 @@ def test_cli_tune_magcache_then_generate_and_compare_with_it(tmp_path, monkeypat
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["mean"]["computed_share"] == side["computed_share"]
     assert "computed (layer × step" in (tmp_path / "r" / "report.html").read_text()
+    # a step cache's own setting swept: no skipping at threshold 0, skipping at 10
+    assert main(["compare", "a red square moving right", "--attention", "dense", "--cache", "magcache", "--tuned", "mag",
+                 *small, "--sweep", "magcache.threshold=0,10", "magcache.retention_ratio=0.25", "--report", "s",
+                 "--no-lpips", "--no-timing", "--dense-cache", "cache"]) == 0
+    sweep = json.loads((tmp_path / "s" / "metrics.json").read_text())["sweep"]
+    assert [p["setting"] for p in sweep] == [{"magcache.threshold": 0}, {"magcache.threshold": 10}]
+    assert sweep[0]["mean"]["computed_share"] == 1.0 and sweep[1]["mean"]["computed_share"] < 1.0
+    assert main(["compare", "x", "--cache", "fbcache", "--sweep", "fbcache.treshold=1", "--report", "bad"]) == 2
 
 
 def test_caches_that_decide_from_activations_are_refused_under_ulysses(tiny_pipe, monkeypatch):

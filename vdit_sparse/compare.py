@@ -121,10 +121,13 @@ def _parse_value(text: str):
 def parse_sweep(specs: list[str]) -> list[tuple]:
     """``["density=0.1,0.2", "attention=svg,svg2"]`` -> every combination, as ``((key, value), ...)``.
 
-    Without a sweep there is one empty setting. Keys are request fields in
-    :data:`SWEEP_FIELDS` or canonical parameter names; values are checked here, before any run.
+    Without a sweep there is one empty setting. Keys are request fields in :data:`SWEEP_FIELDS`,
+    canonical parameter names, or a step cache's namespaced settings (``magcache.threshold``); values are
+    checked here, before any run.
     """
-    allowed = list(SWEEP_FIELDS) + all_setting_names()
+    from .caches import STEP_CACHES
+
+    allowed = list(SWEEP_FIELDS) + all_setting_names() + [f"{c}.{n}" for c, cls in STEP_CACHES.items() for n in cls.names()]
     axes: dict[str, list] = {}
     for spec in specs:
         key, eq, values = spec.partition("=")
@@ -163,11 +166,14 @@ def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateReques
     """The base request with one sweep point's fields and settings; the settings are checked against its method."""
     from .settings import settings_for
 
+    from .caches import split_step_cache_settings
+
     fields = {k: v for k, v in setting if k in SWEEP_FIELDS}
     settings = {**base.settings, **{k: v for k, v in setting if k not in SWEEP_FIELDS}}
     req = replace(base, settings=settings, **fields)
     try:
-        settings_for(req.attention, req.settings, req.cache)
+        # a step cache's own settings are checked with the tuned table's (MagCache's ratios) by check_requests
+        settings_for(req.attention, split_step_cache_settings(req.settings)[0], req.cache)
     except ValueError as e:
         point = ",".join(f"{k}={v}" for k, v in setting)
         raise UserError(f"--sweep point {point or '(none)'}: {e}") from None
