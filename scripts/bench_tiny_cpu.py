@@ -1,6 +1,6 @@
 """The CPU figures of BENCHMARKS.md on the embedded model: every command, run one after the other, summarised.
 
-    python scripts/bench_tiny_cpu.py --out bench-cpu            # all experiments (about 40 minutes on 2 cores)
+    python scripts/bench_tiny_cpu.py --out bench-cpu            # all experiments (about 25 minutes on 2 cores)
     python scripts/bench_tiny_cpu.py --out bench-cpu --only caches --prompts 4
     python scripts/bench_tiny_cpu.py --out bench-cpu --summary  # print the tables of what is there
 
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 STEP_CACHES = ("fbcache", "magcache", "taylorseer", "pab", "seacache")
+THRESHOLD_SWEEPS = {"magcache": "0.02,0.03,0.04", "fbcache": "0.1,0.2,0.3", "seacache": "0.4,0.6"}
 
 
 def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[list[str]]]:
@@ -46,6 +47,10 @@ def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[lis
              "--report", f"{{out}}/caches-svg2-{steps}"],
             ["compare", *common, "--attention", "dense", "--sweep", "cache=" + ",".join(f"tileskip+{c}" for c in STEP_CACHES),
              "--tuned", str(magcache), "--report", f"{{out}}/caches-tileskip-{steps}"],
+            # the thresholds of the caches that decide from the run, below and above their defaults
+            *[["compare", *common, "--attention", "dense", "--cache", cache, "--tuned", str(magcache),
+               "--sweep", f"{cache}.threshold={values}", "--report", f"{{out}}/sweep-{cache}-{steps}"]
+              for cache, values in THRESHOLD_SWEEPS.items()],
         ],
     }
 
