@@ -121,7 +121,7 @@ def ssim_per_frame(a, b) -> np.ndarray:
     (the definition torchmetrics implements; tests check the two agree). The window is separable,
     so it is applied as two banded matrix products per axis in float64 (in float32,
     E[x^2] - mu^2 of a flat region can come out negative and pull the SSIM of identical frames
-    below 1): about 30x faster on a CPU than a 2-D float64 convolution.
+    below 1): about 45x faster on a CPU than a 2-D float64 convolution (BENCHMARKS.md).
     """
     import torch.nn.functional as F
 
