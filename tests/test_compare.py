@@ -235,3 +235,18 @@ def test_prompt_following_is_reported_per_prompt_and_as_pass_rates(dirs, tmp_pat
     assert [e["prompt_following"]["colour_ok"] for e in m["prompts"]] == [True, False]
     assert m["mean"]["prompt_following"] == {"colour_ok": 0.5, "flicker": 0.25}  # labels are not averaged
     assert "Prompt following" in (dirs[0] / "report.md").read_text()
+
+
+def test_density_warnings_name_sweep_points_that_are_one_setting_and_cpu_speedups_of_sparse_runs():
+    def point(label, density, computed):
+        return {"label": label, "mean": {"density": density, "computed_share": computed}}
+
+    same = [point("a", 1.0, 1.0), point("b", 1.0, 1.0), point("c", 1.0, 0.6)]  # c: a step cache skipped layers
+    warned = compare.density_warnings([], same)
+    assert warned == ["sweep points a, b realise the same density 1.0: they are one setting here"]
+    cpu = {"device": "cpu", "speedup": 1.5, "density": 1.0}
+    assert compare.density_warnings([dict(cpu, attention="dense", cache="magcache")], None) == []
+    for sparse in (dict(cpu, attention="svg", cache="none", density=0.4), dict(cpu, attention="dense", cache="tileskip"),
+                   dict(cpu)):  # an entry stored before attention/cache were recorded: warned, to be safe
+        (line,) = compare.density_warnings([sparse], None)
+        assert line.startswith("speed-ups measured on a CPU")

@@ -295,6 +295,7 @@ def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: boo
     timed = getattr(acc, "timing_reference", None) or {}  # the reference, timed just before acc in the same process
     entry = {
         "prompt": pair.prompt, "label": pair.label, "setting": dict(pair.setting), "seed": pair.accelerated.seed,
+        "attention": pair.accelerated.attention, "cache": pair.accelerated.cache,
         "speedup": _ratio(timed.get("wall_s"), acc.wall_s), "psnr": q.pop("psnr"), "ssim": q.pop("ssim"),
         "lpips": q.pop("lpips"), "density": acc.density, "identical": q.pop("identical"),
         "attention_speedup": _ratio(timed.get("attention_ms"), acc.attention_ms),
@@ -510,12 +511,18 @@ def density_warnings(entries: list[dict], sweep: list[dict] | None) -> list[str]
         if want is not None and got is not None and abs(want - got) > DENSITY_GAP:
             out.append(f"{e['label']}: density {want} requested, {got:.3f} realised (the token grid is too small for "
                        "that budget at this block size, or warm-up and dense layers add to it)")
-    out += same_density([(p["label"], p["mean"]["density"]) for p in sweep or [] if p["mean"].get("density") is not None],
-                        "sweep points")
-    if any(e.get("device") == "cpu" and e.get("speedup") is not None for e in entries):
+    out += same_density([(p["label"], p["mean"]["density"], p["mean"].get("computed_share"))
+                         for p in sweep or [] if p["mean"].get("density") is not None], "sweep points")
+    if any(e.get("device") == "cpu" and e.get("speedup") is not None and _sparse(e) for e in entries):
         out.append("speed-ups measured on a CPU: sparse attention runs through PyTorch paths there and is slower than "
                    "dense; the speed-up is a GPU matter (BENCHMARKS.md)")
     return out
+
+
+def _sparse(entry: dict) -> bool:
+    """Whether a run used sparse attention or tile-skip (entries measured before these keys existed: yes)."""
+    return (entry.get("attention", "?") != "dense" or "tileskip" in str(entry.get("cache", "tileskip"))
+            or (entry.get("density") or 1.0) < 1.0)
 
 
 @contextlib.contextmanager

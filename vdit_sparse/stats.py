@@ -103,11 +103,13 @@ def computed_share(computed: list[dict]) -> float | None:
 DENSITY_GAP = 0.1  # a realised density this far from the requested one deserves a word
 
 
-def same_density(points: list[tuple[object, float]], what: str) -> list[str]:
-    """A warning per group of ``points`` (label, realised density) that realise the same density (to 3 places):
-    too small a token grid for the blocks makes different settings one."""
-    groups: dict[float, list[str]] = {}
-    for label, density in points:
-        groups.setdefault(round(density, 3), []).append(str(label))
+def same_density(points: list[tuple], what: str) -> list[str]:
+    """A warning per group of ``points`` (label, realised density[, computed share]) that realise the same
+    density (to 3 places) and, where given, the same share of layers computed (a step cache that skips
+    makes a different setting at equal density): too small a token grid for the blocks makes them one."""
+    groups: dict[tuple, list[str]] = {}
+    for label, density, *computed in points:
+        share = computed[0] if computed and computed[0] is not None else None
+        groups.setdefault((round(density, 3), None if share is None else round(share, 3)), []).append(str(label))
     return [f"{what} {', '.join(labels)} realise the same density {d}: they are one setting here"
-            for d, labels in groups.items() if len(labels) > 1]
+            for (d, _), labels in groups.items() if len(labels) > 1]
