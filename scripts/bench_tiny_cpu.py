@@ -39,7 +39,11 @@ def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[lis
         "tune": [["tune", "--attention", "svg", "--target-psnr", str(t), "--holdout", str(prompts), "--steps", str(steps),
                   "--overwrite", "--out", f"{{out}}/tuned/svg-{t}.yaml"] for t in (22, 24, 26)]
                 + [["tune", "--attention", "svg2", "--knob", "density", "--target-psnr", "26", "--holdout", str(prompts),
-                    "--steps", str(steps), "--overwrite", "--out", "{out}/tuned/svg2-26.yaml"]],
+                    "--steps", str(steps), "--overwrite", "--out", "{out}/tuned/svg2-26.yaml"]]
+                # each layer's error weighed by the video error it causes
+                + [["tune", "--attention", m, *knob, "--target-psnr", str(t), "--holdout", str(prompts), "--steps", str(steps),
+                    "--layer-sensitivity", "--overwrite", "--out", f"{{out}}/tuned/{m}-{t}-sensitivity.yaml"]
+                   for m, t, knob in (("svg", 22, []), ("svg", 24, []), ("svg2", 26, ["--knob", "density"]))],
         "caches": [
             ["compare", *common, "--attention", "dense", "--sweep", f"cache={sweep_caches}", "--tuned", str(magcache),
              "--report", f"{{out}}/caches-{steps}"],

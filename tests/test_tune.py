@@ -277,3 +277,45 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
     assert fit["met"] and len(fit["rounds"]) >= 2  # the first table missed by 2 dB
     assert fit["rounds"][-1]["psnr"] >= 30.0
     assert load_tuned_table(str(out)) == {layer: o.setting for layer, o in chosen.items()}
+
+
+def test_layer_sensitivity_weighs_each_layer_by_the_video_error_it_causes(tmp_path, monkeypatch):
+    import yaml
+
+    from vdit_sparse.tune import command as tune
+    from vdit_sparse.tune.search import Option
+
+    def opts(errors):
+        return [Option({"attention": "dense"}, 0.0, 1.0, 1.0)] + [Option({"density": e}, e, e, e) for e in errors]
+
+    options = {0: opts([0.1, 0.2, 0.3]), 1: opts([0.1, 0.2, 0.3]), 2: [Option({"attention": "dense"}, 0.0, 1.0, 1.0)]}
+    out = tmp_path / "t.yaml"
+    seen = []
+
+    def fake_psnr_of(pipe, requests, references, desc, tuned=None):
+        table = yaml.safe_load(tuned.read_text())["layers"]
+        seen.append(table)
+        sparse = [layer for layer, s in table.items() if s != {"attention": "dense"}]
+        assert sparse in ([0], [1]) and table[sparse[0]] == {"density": 0.2}  # one layer alone, at its middle option
+        return {0: 40.0, 1: 20.0}[sparse[0]]  # layer 1's error reaches the video 100x more
+
+    monkeypatch.setattr(tune, "psnr_of", fake_psnr_of)
+    weights = tune.layer_sensitivity(None, options, [], [], out)
+    assert len(seen) == 2 and not (tmp_path / "t.probe.yaml").exists()
+    assert weights[1] / weights[0] == pytest.approx(100.0) and weights[2] == pytest.approx(1.0)
+    assert (weights[0] + weights[1]) / 2 == pytest.approx(1.0)
+
+
+def test_tune_with_layer_sensitivity_records_the_weights(tmp_path, tiny_pipe, capsys):
+    from vdit_sparse.errors import UserError
+    from vdit_sparse.tune import command as tune
+
+    out = tmp_path / "sens.yaml"
+    argv = ["--attention", "svg", "--target-error", "0.5", "--values", "0.3,0.6", "--out", str(out), "--steps", "1",
+            *SMALL, *_prompt_files(tmp_path), "attention.block_size=16", "--layer-sensitivity", "--no-validate"]
+    assert tune.main(argv, pipe=tiny_pipe) == 0
+    weights = json.loads((tmp_path / "sens.report.json").read_text())["metadata"]["layer_sensitivity"]
+    assert len(weights) == len(tiny_pipe.transformer.blocks) and all(w >= 0 for w in weights.values())
+    with pytest.raises(UserError, match="--layer-sensitivity: not with --cache tileskip"):
+        tune.main(["--attention", "dense", "--cache", "tileskip", "--target-error", "0.5", "--out", str(tmp_path / "x"),
+                   "--layer-sensitivity"], pipe=tiny_pipe)

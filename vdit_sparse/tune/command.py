@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", metavar="JSON", help="cost model from vdit-sparse bench --cost-model (default: configs/cost_model.json if present)")
     p.add_argument("--rounds", type=int, default=3, help="--target-psnr: end-to-end checks before giving up (default 3)")
     p.add_argument("--no-validate", action="store_true", help="skip the held-out validation runs")
+    p.add_argument("--layer-sensitivity", action="store_true",
+                   help="weigh each layer's attention error by how much of it reaches the video, measured with one "
+                        "run per layer and calibration prompt (that layer sparse, the others dense)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # --cache magcache (no target, no knob): measure MagCache's magnitude ratios on dense runs and write them
     # into the table (caches: magcache: mag_ratios), for generate --tuned NAME --cache magcache
@@ -100,6 +103,8 @@ def check_args(args) -> None:
         raise UserError(f"--tuned {args.tuned!r}: tune writes a table and does not start from one; drop --tuned")
     if args.ulysses_degree != 1:  # calibration observes every head of a layer in one process
         raise UserError(f"--ulysses-degree {args.ulysses_degree}: tune runs on one device; drop the flag")
+    if args.layer_sensitivity and parse_cache(args.cache)[0]:
+        raise UserError("--layer-sensitivity: not with --cache tileskip (its probe runs need the other layers plain dense)")
     if args.sampled_steps < 1 or args.rounds < 1:
         raise UserError(f"--sampled-steps {args.sampled_steps} / --rounds {args.rounds}: must be positive integers")
     _check_knob(args)
@@ -342,6 +347,37 @@ def tune_to_psnr(args, pipe, options, cands, cal_requests, references, out: Path
     return chosen, fit
 
 
+def layer_sensitivity(pipe, options: dict[int, list[Option]], cal_requests, references, out: Path) -> dict[int, float]:
+    """Per layer, how much of its predicted attention error reaches the video, relative to the mean layer (1.0).
+
+    Layers are not alike: an error in one may wash out while the same error in another steers the whole
+    sampling trajectory. Each layer with a choice runs once per calibration prompt at its middle option
+    (by error) with every other layer dense; its weight is the video's MSE against dense per unit of
+    predicted error. The search then spends the error budget where it costs the video least.
+    """
+    import yaml
+
+    from ..atomicfile import atomic_write
+
+    probe = out.with_name(out.stem + ".probe.yaml")
+    raw = {}
+    try:
+        for layer, opts in options.items():
+            lossy = sorted((o for o in opts if o.error > 0), key=lambda o: o.error)
+            if not lossy:
+                continue
+            option = lossy[len(lossy) // 2]
+            table = {other: {"attention": "dense"} for other in options}
+            table[layer] = dict(option.setting)
+            atomic_write(probe, yaml.safe_dump({"layers": table}, sort_keys=False))
+            psnr = psnr_of(pipe, cal_requests, references, f"layer {layer} alone at {option.setting}", tuned=probe)
+            raw[layer] = 10 ** (-psnr / 10) / option.error  # video MSE (frames in [0, 1]) per unit attention error
+    finally:
+        probe.unlink(missing_ok=True)
+    mean = float(np.mean(list(raw.values()))) if raw else 1.0
+    return {layer: raw.get(layer, mean) / mean if mean > 0 else 1.0 for layer in options}
+
+
 def _with_settings(req: GenerateRequest, settings: dict) -> GenerateRequest:
     return replace(req, settings={**req.settings, **settings})
 
@@ -488,7 +524,14 @@ def main(argv: list[str], pipe=None) -> int:
     def meta_for(chosen):
         return metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
 
+    sensitivity = None
+    if args.layer_sensitivity:
+        sensitivity = layer_sensitivity(pipe, options, cal_requests, references, out)
+        options = {layer: [replace(o, error=o.error * sensitivity[layer]) for o in opts] for layer, opts in options.items()}
     chosen, meta, fit = choose_table(args, pipe, options, cands, cal_requests, references, out, meta_for)
+    if sensitivity is not None:
+        meta["layer_sensitivity"] = {layer: round(w, 4) for layer, w in sensitivity.items()}
+        write_table(out, chosen, meta)
     meta["warnings"] = grid_warnings(options, args.knob)
     for warning in meta["warnings"]:
         print(f"warning: {warning}")
