@@ -316,6 +316,9 @@ def test_tune_with_layer_sensitivity_records_the_weights(tmp_path, tiny_pipe, ca
     assert tune.main(argv, pipe=tiny_pipe) == 0
     weights = json.loads((tmp_path / "sens.report.json").read_text())["metadata"]["layer_sensitivity"]
     assert len(weights) == len(tiny_pipe.transformer.blocks) and all(w >= 0 for w in weights.values())
+    import yaml
+
+    assert yaml.safe_load(out.read_text())["metadata"]["layer_sensitivity"] == {int(k): w for k, w in weights.items()}
     with pytest.raises(UserError, match="--layer-sensitivity: not with --cache tileskip"):
         tune.main(["--attention", "dense", "--cache", "tileskip", "--target-error", "0.5", "--out", str(tmp_path / "x"),
                    "--layer-sensitivity"], pipe=tiny_pipe)

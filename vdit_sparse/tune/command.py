@@ -521,17 +521,18 @@ def main(argv: list[str], pipe=None) -> int:
     sparse_share = (cfg.model.steps - warmup) / cfg.model.steps
     options = layer_options(recorder, cands, cost, sparse_share, len(cal_prompts), dense_layers)
     dense_total = dense_cost(options, recorder, cost, len(cal_prompts))
-    def meta_for(chosen):
-        return metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
+    weights = None
+    if args.layer_sensitivity:  # each layer's errors in units of the video error they cause
+        weights = layer_sensitivity(pipe, options, cal_requests, references, out)
+        options = {layer: [replace(o, error=o.error * weights[layer]) for o in opts] for layer, opts in options.items()}
 
-    sensitivity = None
-    if args.layer_sensitivity:
-        sensitivity = layer_sensitivity(pipe, options, cal_requests, references, out)
-        options = {layer: [replace(o, error=o.error * sensitivity[layer]) for o in opts] for layer, opts in options.items()}
+    def meta_for(chosen):
+        meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
+        if weights is not None:
+            meta["layer_sensitivity"] = {layer: round(w, 4) for layer, w in weights.items()}
+        return meta
+
     chosen, meta, fit = choose_table(args, pipe, options, cands, cal_requests, references, out, meta_for)
-    if sensitivity is not None:
-        meta["layer_sensitivity"] = {layer: round(w, 4) for layer, w in sensitivity.items()}
-        write_table(out, chosen, meta)
     meta["warnings"] = grid_warnings(options, args.knob)
     for warning in meta["warnings"]:
         print(f"warning: {warning}")
