@@ -82,7 +82,14 @@ SMOKE = dataclasses.replace(
     CPU, frames=5, height=64, width=64, vae_fit_clips=4, dit_batch=2, warmup_steps=2, total_steps=10, pool_clips=6,
     dit=dict(TRANSFORMER_CONFIG, num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32, num_layers=1),
 )
-RECIPES = {"cpu": CPU, "gpu": GPU, "smoke": SMOKE}
+# tiny-long: the shipped model fine-tuned at 97 frames (25 latent frames x 64 = 1,600 tokens), one CPU thread.
+# A fine-tune: lower peak rate, short warm-up, a faster EMA (time constant ~200 steps) so the export
+# reflects the new shape within a run of ~2,000 steps; fewer pooled clips (each is 3.6x larger).
+LONG = dataclasses.replace(
+    CPU, frames=97, dit_batch=4, dit_lr=3e-4, warmup_steps=50, total_steps=2000, ema_decay=0.995, pool_clips=8000,
+    save_every_min=4.0,
+)
+RECIPES = {"cpu": CPU, "gpu": GPU, "long": LONG, "smoke": SMOKE}
 
 
 # ---------------------------------------------------------------- components
