@@ -1,13 +1,12 @@
-"""The embedded default model: a small WanPipeline built offline from the real diffusers classes.
+"""The embedded models: small WanPipelines built offline from the real diffusers classes.
 
-When trained weights ship in ``vdit_sparse/data/tiny`` (see the embedded-model issue) they load
-through ``from_pretrained``; otherwise the pipeline is created deterministically from a fixed seed
-with random weights, which exercises every code path but draws noise, not shapes.
+``tiny`` (448 tokens) and ``tiny-long`` (1,600 tokens, fine-tuned from it at 97 frames) ship trained in
+``vdit_sparse/data/<name>`` and load through ``from_pretrained``. Random weights (deterministic from a seed;
+they exercise every code path but draw noise) only when asked for.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -49,8 +48,48 @@ TEXT_ENCODER_CONFIG = dict(
 )
 
 
-def packaged_weights_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "vdit_sparse" / "data" / "tiny"
+# The embedded models: name -> the folder under vdit_sparse/data/ that holds its trained pipeline.
+EMBEDDED = ("tiny", "tiny-long")
+
+
+def packaged_weights_dir(name: str = "tiny") -> Path:
+    """vdit_sparse/data/<name> of this installation, whatever its kind (regular, editable, wheel, source tree):
+    found from the imported package itself, never from this file's place (pipelines/ sits elsewhere in a checkout)."""
+    import vdit_sparse
+
+    return Path(vdit_sparse.__file__).resolve().parent / "data" / name
+
+
+def weights_info(name: str) -> dict:
+    """What the sidecar records about an embedded model's weights: where they are, whether they are trained
+    (a shipped pipeline directory exists) and the SHA-256 of its transformer weights."""
+    import hashlib
+
+    folder = packaged_weights_dir(name)
+    trained = (folder / "model_index.json").is_file()
+    sha = None
+    if trained:
+        digest = hashlib.sha256()
+        for f in sorted((folder / "transformer").glob("*.safetensors")):
+            digest.update(f.read_bytes())
+        sha = digest.hexdigest()
+    return {"source": str(folder), "trained": trained, "sha256": sha}
+
+
+def embedded_size_rule() -> tuple[int, int, int]:
+    """(t, s, most) of the embedded models, known without loading them: 4k + 1 frames (the autoencoder's 4-frame
+    patches), sides a multiple of 16 (8-pixel patches x the DiT's 2 x 2), and at most ``most`` latent positions
+    per axis (the rotary table's length)."""
+    return VAE_CONFIG["patch_frames"], VAE_CONFIG["patch_size"] * TRANSFORMER_CONFIG["patch_size"][1], \
+        TRANSFORMER_CONFIG["rope_max_seq_len"]
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` outside the embedded models' vocabulary (they read as [UNK])."""
+    import re
+
+    known = set(VOCAB_WORDS)
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in known))
 
 
 def build_tokenizer():
@@ -88,20 +127,25 @@ def build_components(seed: int = SEED) -> dict:
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def build_tiny_pipeline(seed: int = SEED):
-    """The embedded default WanPipeline: trained weights when shipped, else random from ``seed``."""
+def build_tiny_pipeline(name: str = "tiny", random_weights: bool = False, seed: int = SEED):
+    """The embedded WanPipeline ``name`` with its shipped trained weights; random weights from ``seed`` only when
+    asked for (``random_weights=True``: tests, or ``--random-weights``), since they draw noise."""
     from diffusers import WanPipeline
-
     from diffusers.utils import logging as diffusers_logging
 
-    weights = packaged_weights_dir()
-    if (weights / "model_index.json").exists():
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # WanPipeline warns that its vae is not an AutoencoderKLWan: ours is meant
-        try:
-            return WanPipeline.from_pretrained(weights)
-        finally:
-            diffusers_logging.set_verbosity(level)
-    warnings.warn(f"no trained weights in {weights}: the tiny model has random weights and draws noise "
-                  "(scripts/train_tiny.py trains them)", stacklevel=2)
-    return WanPipeline(**build_components(seed))
+    from ..errors import UserError
+
+    if name not in EMBEDDED:
+        raise UserError(f"model={name!r}: not an embedded model; embedded: {', '.join(EMBEDDED)}")
+    if random_weights:
+        return WanPipeline(**build_components(seed))
+    weights = packaged_weights_dir(name)
+    if not (weights / "model_index.json").exists():
+        raise UserError(f"model={name!r}: no trained weights in {weights} (a broken install?); reinstall "
+                        "vdit-sparse, or pass --random-weights (random_weights=True) for a model that draws noise")
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # WanPipeline warns that its vae is not an AutoencoderKLWan: ours is meant
+    try:
+        return WanPipeline.from_pretrained(weights)
+    finally:
+        diffusers_logging.set_verbosity(level)

@@ -30,6 +30,12 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "wrong-key.yaml").write_text("layers:\n  1: {top_p: 0.5}\n")  # svg has no top_p
     (tmp_path / "binary.txt").write_bytes(BINARY)
     (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "adir.mp4").mkdir()
+    meta = "metadata: {model: tiny, attention: svg, calibration: {steps: 10}}\n"
+    (tmp_path / "svg-table.yaml").write_text(meta + "layers:\n  1: {density: 0.2}\n")
+    (tmp_path / "other-model.yaml").write_text(meta.replace("tiny", "some/model") + "layers:\n  1: {density: 0.2}\n")
+    (tmp_path / "mag.yaml").write_text("metadata: {model: tiny, cache: magcache, steps: 10}\nlayers: {}\n"
+                                       "caches: {magcache: {mag_ratios: [1.0, 1.0]}}\n")
     return tmp_path
 
 
@@ -59,6 +65,22 @@ CASES = [  # (argv, what the one line must say)
      "--prompts 'binary.txt': not UTF-8 text"),
     (["tune", "--attention", "svg", "--target-error", "0.1", "--out", "t", "model.guidance_scale=abc"],
      "model.guidance_scale='abc'"),
+    # a newcomer's first tries (issue: a newcomer's first commands)
+    (["generate", "a red square", "--height", "1000000"], "height=1000000: this model takes at most 1024"),
+    (["generate", "a red square", "--frames", "1001"], "frames=1001: this model takes at most 253 frames"),
+    (["generate", "a red square", "--out", "adir.mp4", "--overwrite"], "'adir.mp4' is a folder; give a file name"),
+    (["generate", "a red square", "--density", "abc"], "argument --density: invalid float value: 'abc'"),
+    (["generate", "a red square", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["compare", "a red square", "--attention", "svg", "--report", "r", "--steps", "abc"], "invalid int value: 'abc'"),
+    (["tune", "--attention", "svg", "--target-psnr", "x", "--out", "t"], "argument --target-psnr: invalid float value"),
+    (["generate", "a red square", "--attention", "svg2", "--tuned", "svg-table.yaml"],
+     "tuned for attention='svg', this run is attention='svg2'"),
+    (["generate", "a red square", "--attention", "svg", "--tuned", "svg-table.yaml", "--steps", "20"],
+     "tuned at 10 steps, this run has 20"),
+    (["generate", "a red square", "--attention", "svg", "--tuned", "other-model.yaml"],
+     "tuned on model='some/model', this run is model='tiny'"),
+    (["generate", "a red square", "--tuned", "mag.yaml"], "holds only step-cache settings (magcache); run it with --cache magcache"),
+    (["generate", "a red square", "--model", "some/model", "--random-weights"], "--random-weights: only for the embedded"),
 ]
 
 
@@ -123,3 +145,27 @@ def test_a_tuned_dict_in_the_files_shape_means_what_the_file_means(tmp_path, tin
                          ({"caches": {"magcache": 3}}, "'caches' must map a cache name to its settings")]:
         with pytest.raises(UserError, match=message):
             vs.accelerate(tiny_pipe, attention="svg", tuned=bad)
+
+
+def test_a_ulysses_degree_the_heads_cannot_take_is_refused_before_any_work(workdir, no_model_work, capsys, monkeypatch):
+    """The README's old example (degree 4 for the embedded model's 6 heads) died in diffusers after the model
+    loaded, and compare left report/.lock and comparison.json behind."""
+    import vdit_sparse.parallel as parallel
+
+    monkeypatch.setattr(parallel, "start", lambda degree, command="generate": None)  # as if torchrun had started 4
+    monkeypatch.setattr(parallel, "degree", lambda: 4)
+    for argv in (["generate", "a red square", "--ulysses-degree", "4"],
+                 ["compare", "a red square", "--attention", "svg2", "--ulysses-degree", "4", "--report", "report"]):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "6 attention heads cannot be shared among 4 ranks; use one of 1, 2, 3, 6" in lines[0]
+    assert not (workdir / "report").exists()
+
+
+def test_a_prompt_of_unknown_words_draws_a_one_line_notice(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a purple elephant dancing", "--steps", "1", "--frames", "5", "--height", "32",
+                 "--width", "32", "--out", "e.mp4"]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "notice" in line]
+    assert len(notices) == 1 and "'elephant', 'dancing'" in notices[0] and "purple" not in notices[0].split(";")[0]
+    assert "red green blue" in notices[0]  # it names the words the model knows

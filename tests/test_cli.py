@@ -128,3 +128,25 @@ def test_generate_takes_a_tuned_table(tmp_path, monkeypatch):
         side = json.loads((tmp_path / name).read_text())
         assert side["config"]["tuned"] == str(table)
         assert side["density_per_layer"]["transformer.1"] < 1.0 and side["density_per_layer"]["transformer.0"] == 1.0
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    """Start-up (importing diffusers) once ran outside the guard: a Ctrl-C there printed a traceback."""
+    import vdit_sparse.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_quiet_libraries", interrupted)
+    assert cli.main(["generate", "a red square"]) == 130
+    assert capsys.readouterr().err.strip() == "vdit-sparse: interrupted"
+
+
+def test_importing_the_package_loads_no_torch():
+    """The console script imports vdit_sparse.cli before main() runs: torch loading there would put seconds (and
+    any Ctrl-C in them) outside the guard."""
+    import subprocess
+    import sys
+
+    code = "import sys, vdit_sparse.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "False"

@@ -175,7 +175,17 @@ def refusals(results: dict) -> None:
             results[key] = str(e)
 
 
+def pretend_cuda_build_without_gpu() -> None:
+    """What PyPI's default (CUDA) torch looks like on a machine without a GPU: its accelerator reads cuda while
+    no CUDA device works (torch.cuda.is_available() stays False, the device count 0)."""
+    cuda = torch.device("cuda")
+    torch.accelerator.current_accelerator = lambda check_available=False: cuda
+    torch._C._get_accelerator = lambda: cuda
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[2] == "--cuda-build":
+        pretend_cuda_build_without_gpu()
     torch.manual_seed(SEED)
     parallel.start(2, "generate")
     results = {"seed": SEED}

@@ -16,13 +16,14 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" / "block_sparse_attention.py").is_file():
     __path__.append(str(_checkout))
 
-from .attention import sparse_attention  # noqa: E402
-from .layout import VideoLayout  # noqa: E402
-from .plan import BlockPlan  # noqa: E402
-
 __version__ = "0.2.0"
 
-_LAZY = {  # these import diffusers, which takes seconds: load them on first use
+# Loaded on first use: torch and diffusers take seconds to import, and the CLI must answer (and take a Ctrl-C)
+# before they load.
+_LAZY = {
+    "sparse_attention": ("attention", "sparse_attention"),
+    "VideoLayout": ("layout", "VideoLayout"),
+    "BlockPlan": ("plan", "BlockPlan"),
     "accelerate": ("integration", "accelerate"),
     "AccelerateHandle": ("integration", "AccelerateHandle"),
     "load_pipeline": ("loading", "load_pipeline"),

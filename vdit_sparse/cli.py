@@ -34,8 +34,10 @@ def _generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .generate import add_generation_args
 
-    parser = argparse.ArgumentParser(prog="vdit-sparse", description="Faster video diffusion transformers, measured against dense.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .errors import argument_parser
+
+    parser = argument_parser(prog="vdit-sparse", description="Faster video diffusion transformers, measured against dense.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=type(parser))
     gen = sub.add_parser("generate", help="make a video (embedded model by default)")
     gen.add_argument("prompt")
     gen.add_argument("--out", help="video path, .mp4 or .gif (default: outputs/<prompt>-<attention>.mp4)")
@@ -80,18 +82,17 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_libraries()
+    return _guarded(lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    _quiet_libraries()  # imports diffusers: seconds, inside the guard so a Ctrl-C here is one line too
     from .generate import parse_generation_args
 
-    parser = build_parser()
     if argv and argv[0] in _EXTRA_COMMANDS and _optional(_EXTRA_COMMANDS[argv[0]]) is not None:
         # these commands parse their own flags (argparse would not hand a leading option through)
-        mod = _optional(_EXTRA_COMMANDS[argv[0]])
-        return _guarded(lambda: mod.main(argv[1:]))
-    return _guarded(lambda: _run(parse_generation_args(parser, argv)))
-
-
-def _run(args) -> int:
+        return _optional(_EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+    args = parse_generation_args(build_parser(), argv)
     return args.run(args)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import parallel
-from .errors import UserError
+from .errors import UserError, argument_parser
 from .generate import (
     OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, read_prompt_file,
     request_from_args,
@@ -73,7 +73,7 @@ class Pair:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vdit-sparse compare", description=HELP)
+    p = argument_parser(prog="vdit-sparse compare", description=HELP)
     p.add_argument("prompt", nargs="?", help="one prompt (or give --prompts FILE)")
     p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (# comments and blank lines skipped)")
     p.add_argument("--report", metavar="DIR", required=True, help="where metrics.json, report.md and report.html go")
@@ -180,12 +180,13 @@ def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateReques
     return req
 
 
-def check_requests(pairs: list[Pair]) -> None:
-    """Every run's config checked (model keys, tuned table, dense backend) before the first run starts."""
-    from .generate import check_run, resolve
+def check_requests(pairs: list[Pair], degree: int = 1) -> None:
+    """Every run's config checked (model keys, tuned table, dense backend, an embedded model's size and Ulysses
+    degree) before the first run starts and before the report folder is touched."""
+    from .generate import preflight, resolve
 
     for req in {r.key(): r for p in pairs for r in (p.reference, p.accelerated)}.values():
-        check_run(resolve(req), req)
+        preflight(resolve(req), req, degree)
 
 
 def plan_pairs(args: argparse.Namespace) -> list[Pair]:
@@ -199,7 +200,7 @@ def plan_pairs(args: argparse.Namespace) -> list[Pair]:
             tag = ",".join(f"{k}={v}" for k, v in setting)
             label = f"{prompt} [{tag}]" if tag else prompt
             pairs.append(Pair(prompt, reference, accelerated_request(base, setting), setting, label))
-    check_requests(pairs)
+    check_requests(pairs, args.ulysses_degree)
     return pairs
 
 
@@ -222,7 +223,7 @@ def pipeline_generate_fn(warmup: bool = True):
         dtype = resolve_dtype(cfg.dtype, device)
         where = (cfg.model.name, str(device), str(dtype))
         if where not in pipes:
-            pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype)
+            pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype, random_weights=req.random_weights)
         setting = replace(req, prompt="", seed=0, steps=1).key()
         if warmup and setting not in warmed:
             run_generation(replace(req, steps=1), pipe=pipes[where], progress=False)

@@ -139,6 +139,32 @@ def load_tuned(name_or_path: str) -> tuple[dict[int, dict], dict[str, dict]]:
     return parse_tuned(data, f"tuned table {path}")
 
 
+def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int) -> None:
+    """Refuse a tuned table made for another run: its metadata's method, model and step count must be this run's,
+    and a table holding only step-cache settings needs ``cache`` to run that cache. Hand-written tables without
+    metadata are taken as they are."""
+    from .caches import parse_cache
+
+    path, data = _read_tuned(name_or_path)
+    layers, caches = parse_tuned(data, f"tuned table {path}")
+    meta = (data.get("metadata") or {}) if isinstance(data, dict) else {}
+    where = f"tuned={name_or_path!r}"
+    step_cache = parse_cache(cache)[1]
+    if caches and not layers and not (set(caches) & {step_cache}):
+        raise UserError(f"{where}: holds only step-cache settings ({', '.join(caches)}); run it with "
+                        f"--cache {next(iter(caches))}")
+    made_for = meta.get("attention")
+    if layers and made_for and made_for != attention:
+        raise UserError(f"{where}: tuned for attention={made_for!r}, this run is attention={attention!r}; "
+                        f"run --attention {made_for}, or tune a table for {attention}")
+    if meta.get("model") and meta["model"] != model:
+        raise UserError(f"{where}: tuned on model={meta['model']!r}, this run is model={model!r}; tune one for this model")
+    tuned_steps = meta.get("steps") or (meta.get("calibration") or {}).get("steps")
+    if tuned_steps and tuned_steps != steps:
+        raise UserError(f"{where}: tuned at {tuned_steps} steps, this run has {steps}; run --steps {tuned_steps}, "
+                        "or tune a table at this step count")
+
+
 def load_tuned_table(name_or_path: str) -> dict[int, dict]:
     """The per-layer table ``{layer: {setting: value}}`` of a tuned YAML."""
     return load_tuned(name_or_path)[0]

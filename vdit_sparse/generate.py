@@ -35,10 +35,16 @@ class GenerateRequest:
     compile: bool | str = False
     dense_backend: str | None = None  # diffusers' attention backend for every dense call (e.g. xformers)
     overrides: tuple = ()  # extra Hydra KEY=VALUE overrides
+    random_weights: bool = False  # an embedded model with random weights (draws noise): tests and checks only
 
     def hydra_overrides(self) -> list[str]:
         """The run's Hydra overrides: model and run keys; settings stay typed and never become strings."""
-        out = ["model=tiny"] if self.model == "tiny" else ["model=diffusers", f"model.name={_quote(self.model)}"]
+        from .pipelines.tiny import EMBEDDED
+
+        if self.model in EMBEDDED:  # an embedded model has its own config group entry (configs/model/NAME.yaml)
+            out = [f"model={self.model}"]
+        else:
+            out = ["model=diffusers", f"model.name={_quote(self.model)}"]
         out += [f"attention={self.attention}", f"cache={self.cache}", f"seed={self.seed}"]
         for key in ("steps", "frames", "height", "width"):
             if getattr(self, key) is not None:
@@ -95,14 +101,30 @@ def resolve(req: GenerateRequest):
     return compose(req.hydra_overrides())
 
 
+def model_method_defaults(cfg) -> dict:
+    """The settings the model config's ``attention:`` section sets for this run: its entry for the run's method,
+    and its ``tileskip`` entry when the cache runs tile-skip (a model's best setting can depend on its size)."""
+    from omegaconf import OmegaConf
+
+    from .caches import parse_cache
+
+    section = cfg.model.get("attention") or {}
+    section = OmegaConf.to_container(section) if not isinstance(section, dict) else section
+    out = dict(section.get(cfg.attention.name) or {})
+    if parse_cache(cfg.cache.name)[0]:
+        out.update(section.get("tileskip") or {})
+    return out
+
+
 def _given_settings(cfg, req: GenerateRequest | None) -> tuple[dict, dict]:
-    """(method and tile-skip settings, step-cache settings by cache): the request's flags, then the config's
-    attention.* / cache.* keys on top."""
+    """(method and tile-skip settings, step-cache settings by cache): the model config's defaults for the method,
+    then the request's flags, then the config's attention.* / cache.* keys on top."""
     from omegaconf import OmegaConf
 
     from .caches import split_step_cache_settings
 
-    given = dict(req.settings) if req is not None else {}
+    given = model_method_defaults(cfg)
+    given.update(req.settings if req is not None else {})
     for group in ("attention", "cache"):
         given.update({k: v for k, v in OmegaConf.to_container(cfg[group]).items() if k != "name"})
     return split_step_cache_settings(given)
@@ -161,8 +183,9 @@ def check_run(cfg, req: GenerateRequest | None = None):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
     run_step_cache_settings(cfg, req)
     if cfg.get("tuned"):
-        from .config import load_tuned_table
+        from .config import check_tuned_fits, load_tuned_table
 
+        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, cfg.model.name, cfg.model.steps)
         try:
             Policy.build(cfg.attention.name, settings, cfg.cache.name, load_tuned_table(cfg.tuned))
         except ValueError as e:
@@ -177,17 +200,39 @@ def check_run(cfg, req: GenerateRequest | None = None):
     return settings
 
 
-def check_video_size(pipe, frames: int, height: int, width: int) -> None:
-    """Frames, height and width the pipeline's VAE and transformer patching can take (the adapter's rule)."""
-    from .pipelines import adapter_for
+def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1):
+    """:func:`check_run`, and for the embedded models, whose configs are known without loading them, the video
+    size and the Ulysses degree: everything refused before any model work. Returns the run's settings."""
+    from . import parallel
+    from .pipelines.tiny import EMBEDDED, TRANSFORMER_CONFIG, embedded_size_rule
 
-    t, mult = adapter_for(pipe.transformer).size_rule(pipe)
+    settings = check_run(cfg, req)
+    m = cfg.model
+    if m.name in EMBEDDED:
+        check_video_size(None, m.frames, m.height, m.width, embedded_size_rule())
+        parallel.check_degree(TRANSFORMER_CONFIG["num_attention_heads"], degree)
+    return settings
+
+
+def check_video_size(pipe, frames: int, height: int, width: int, rule: tuple | None = None) -> None:
+    """Frames, height and width the pipeline's VAE and transformer patching can take: ``rule`` (t, s, max latent
+    positions per axis or None), by default the adapter's rule for ``pipe`` and its transformer's rotary table."""
+    if rule is None:
+        from .pipelines import adapter_for
+
+        t, mult = adapter_for(pipe.transformer).size_rule(pipe)
+        rule = (t, mult, pipe.transformer.config.get("rope_max_seq_len"))
+    t, mult, most = rule
     if not isinstance(frames, int) or frames < 1 or (frames - 1) % t:
         examples = ", ".join(str(t * k + 1) for k in (2, 4, 8, 20))
         raise UserError(f"frames={frames!r}: this model takes {t}k + 1 frames, e.g. {examples}")
+    if most is not None and (frames - 1) // t + 1 > most:  # the rotary table has `most` positions per axis
+        raise UserError(f"frames={frames}: this model takes at most {(most - 1) * t + 1} frames")
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < mult or value % mult:
             raise UserError(f"{name}={value!r}: this model takes multiples of {mult} (e.g. {mult * 8}, {mult * 16})")
+        if most is not None and value // mult > most:
+            raise UserError(f"{name}={value}: this model takes at most {most * mult}")
 
 
 def call_pipeline(pipe, cfg, steps: int | None = None, on_step=None) -> np.ndarray:
@@ -222,13 +267,23 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .loading import load_pipeline, resolve_device, resolve_dtype
     from .stats import summarize
 
+    from .pipelines.tiny import EMBEDDED, VOCAB_WORDS, unknown_words, weights_info
+
     cfg = resolve(req) if cfg is None else cfg
-    settings = check_run(cfg, req)
+    settings = preflight(cfg, req, parallel.degree())
     m = cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if m.name in EMBEDDED and progress:
+        unknown = unknown_words(cfg.prompt)
+        if unknown:
+            import sys
+
+            print(f"vdit-sparse: notice: the embedded model does not know {', '.join(map(repr, unknown))} (read as "
+                  f"unknown); the words it knows: {' '.join(VOCAB_WORDS)}", file=sys.stderr)
+    random_weights = bool(req is not None and req.random_weights)
     if pipe is None:
-        pipe = load_pipeline(m.name, device=device, dtype=dtype)
+        pipe = load_pipeline(m.name, device=device, dtype=dtype, random_weights=random_weights)
     check_video_size(pipe, m.frames, m.height, m.width)
     parallel.enable(pipe)  # under torchrun with --ulysses-degree N; nothing otherwise
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
@@ -268,6 +323,13 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     config["device"], config["dtype"] = str(device), str(dtype).removeprefix("torch.")
     config["settings"] = settings.as_dict()  # every setting the run used, defaults included
     config["ulysses_degree"] = parallel.degree()
+    config["model_method_defaults"] = model_method_defaults(cfg)  # what the model config set, before user flags
+    if m.name not in EMBEDDED:  # a diffusers model: its files are the user's; hashing gigabytes is not our call
+        config["weights"] = {"source": m.name, "trained": None, "sha256": None}
+    elif random_weights:
+        config["weights"] = {"source": "random (--random-weights)", "trained": False, "sha256": None}
+    else:
+        config["weights"] = weights_info(m.name)
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,
         attention_ms=summary["attention_ms"], density=summary["density"] if table else 1.0,
@@ -327,6 +389,7 @@ def sidecar(result: GenerationResult) -> dict:
         "computed_share": computed_share(result.computed),
         "computed": result.computed,  # per transformer call: the self-attention layers that ran (the rest: a step cache)
         "frames": list(result.frames.shape),
+        "weights": result.config.get("weights"),
     }
 
 
@@ -359,6 +422,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer around our attention")
     p.add_argument("--dense-backend", dest="dense_backend",
                    help="diffusers attention backend for the dense calls: native (default), xformers, flash, sage, ...")
+    p.add_argument("--random-weights", dest="random_weights", action="store_true",
+                   help="an embedded model with random weights instead of its trained ones (draws noise; for checks)")
     p.add_argument("--ulysses-degree", dest="ulysses_degree", type=int, default=1,
                    help="GPUs sharing each video (Ulysses); run under torchrun --nproc-per-node N (default 1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -410,8 +475,12 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
     from .caches import parse_cache
     from .settings import settings_for
 
+    from .pipelines.tiny import EMBEDDED
+
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"PROMPT={prompt!r}: must be non-empty text")
+    if getattr(args, "random_weights", False) and args.model not in EMBEDDED:
+        raise UserError(f"--random-weights: only for the embedded models ({', '.join(EMBEDDED)}), not model={args.model!r}")
     settings = {}
     for key in SETTING_FLAGS:
         value = getattr(args, key, None)
@@ -430,6 +499,7 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
         steps=args.steps, frames=args.frames, height=args.height, width=args.width, seed=args.seed,
         device=args.device, dtype=args.dtype, tuned=args.tuned, compile=bool(getattr(args, "compile", False)),
         dense_backend=getattr(args, "dense_backend", None), overrides=tuple(args.overrides),
+        random_weights=bool(getattr(args, "random_weights", False)),
     )
 
 

@@ -34,19 +34,22 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_pipeline(name_or_path: str = "tiny", device=None, dtype=None):
+def load_pipeline(name_or_path: str = "tiny", device=None, dtype=None, random_weights: bool = False):
     """A diffusers pipeline on ``device`` in ``dtype``.
 
-    ``"tiny"`` is the embedded default (built offline). Anything else goes through diffusers'
-    ``DiffusionPipeline.from_pretrained``: a local directory, or a hub id found in the local cache
-    (or downloaded where the hub is reachable).
+    ``"tiny"`` (the default) and ``"tiny-long"`` are the embedded models, shipped trained
+    (``random_weights=True`` builds them with random weights instead: they draw noise). Anything else goes
+    through diffusers' ``DiffusionPipeline.from_pretrained``: a local directory, or a hub id found in the
+    local cache (or downloaded where the hub is reachable).
     """
+    from .pipelines.tiny import EMBEDDED
+
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if name_or_path == "tiny":
+    if name_or_path in EMBEDDED:
         from .pipelines.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline()
+        pipe = build_tiny_pipeline(name_or_path, random_weights=random_weights)
     else:
         pipe = _from_pretrained(str(name_or_path), dt)
     pipe = pipe.to(device=dev)
@@ -56,14 +59,14 @@ def load_pipeline(name_or_path: str = "tiny", device=None, dtype=None):
 
 
 def model_fingerprint(name_or_path: str) -> str:
-    """What identifies a model's weights cheaply: for "tiny" and local directories the names, sizes and
+    """What identifies a model's weights cheaply: for the embedded models and local directories the names, sizes and
     modification times of their files (a retrained or re-exported model changes it); a hub id as given."""
     import hashlib
 
-    if name_or_path == "tiny":
-        from .pipelines.tiny import packaged_weights_dir
+    from .pipelines.tiny import EMBEDDED, packaged_weights_dir
 
-        path = packaged_weights_dir()
+    if name_or_path in EMBEDDED:
+        path = packaged_weights_dir(name_or_path)
     else:
         path = Path(name_or_path).expanduser()
     if not path.is_dir():
@@ -85,15 +88,21 @@ def _from_pretrained(name: str, dtype: torch.dtype):
         return DiffusionPipeline.from_pretrained(path, dtype=dtype)
     try:  # the local cache first, so an offline machine answers at once
         return DiffusionPipeline.from_pretrained(name, dtype=dtype, local_files_only=True)
-    except Exception as cached_error:
+    except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise UserError(f"model {name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from None
-        first = str(cached_error).strip().splitlines()[0] if str(cached_error).strip() else type(cached_error).__name__
     try:
         return DiffusionPipeline.from_pretrained(name, dtype=dtype)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"model {name!r}: not found locally ({first[:120]}) nor on the hub ({reason[:160]}); "
-            "give 'tiny', a local pipeline directory, or a hub id reachable from here"
+            f"model {name!r}: not in the local Hugging Face cache, and the hub did not provide it "
+            f"({_short_reason(e)}); give 'tiny', 'tiny-long', a local pipeline directory, or a hub id reachable from here"
         ) from None
+
+
+def _short_reason(error: Exception, limit: int = 160) -> str:
+    """The first line of ``error``, cut at a word boundary (never mid-word) when longer than ``limit``."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " ..."

@@ -72,8 +72,9 @@ def _join(degree: int) -> UlyssesGroup:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
         backend, device_type = "nccl", "cuda"
-    else:
-        backend, device_type = "gloo", "cpu"
+    else:  # "cpu:gloo", not "gloo": diffusers then gathers sizes on the CPU instead of on
+        # torch.accelerator.current_accelerator(), which is cuda on a CUDA build even where no GPU works
+        backend, device_type = "cpu:gloo", "cpu"
     if not dist.is_initialized():
         dist.init_process_group(backend)
     mesh = init_device_mesh(device_type, (1, degree), mesh_dim_names=("ring", "ulysses"))
@@ -135,6 +136,17 @@ class _MainStore:
         return self.store.load(key)
 
 
+def check_degree(heads: int, degree: int) -> None:
+    """Refuse a degree whose head shares diffusers cannot make: heads a degree does not divide are padded to
+    ceil(heads / degree) per rank ("anything" mode), which works only while the padding is smaller than one
+    rank's share (6 heads: 1, 2, 3 and 6 work; 4 and 5 do not)."""
+    share = -(-heads // degree)
+    if share * degree - heads >= share:
+        works = [d for d in range(1, heads + 1) if -(-heads // d) * d - heads < -(-heads // d)]
+        raise UserError(f"--ulysses-degree {degree}: the model's {heads} attention heads cannot be shared among "
+                        f"{degree} ranks; use one of {', '.join(map(str, works))}")
+
+
 def enable(pipe) -> None:
     """Ulysses over this process's group on each of ``pipe``'s transformers not yet parallel (nothing without a group).
 
@@ -150,6 +162,7 @@ def enable(pipe) -> None:
         if getattr(transformer, "_parallel_config", None) is not None:
             continue  # a pipeline reused across runs is enabled once
         heads = transformer.config.num_attention_heads
+        check_degree(heads, _group.degree)
         anything = heads % _group.degree != 0
         config = ContextParallelConfig(ulysses_degree=_group.degree, mesh=_group.mesh, ulysses_anything=anything)
         enable_on(transformer, config)

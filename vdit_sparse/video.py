@@ -16,6 +16,8 @@ def check_output(path: Path, overwrite: bool) -> None:
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise UserError(f"out={str(path)!r}: the video must end in {' or '.join(VIDEO_SUFFIXES)}")
     for p in (path, sidecar_path(path)):
+        if p.is_dir():  # --overwrite replaces files, never folders
+            raise UserError(f"out={str(path)!r}: {str(p)!r} is a folder; give a file name")
         if p.exists() and not overwrite:
             raise UserError(f"out={str(p)!r}: already exists; pass --overwrite to replace it")
     check_writable(path, "out")

@@ -21,12 +21,13 @@ format is read by ``vdit_sparse.tune.cost.load_cost_model``; ``tune`` picks it u
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 
 import torch
+
+from ..errors import argument_parser
 
 SHAPES = {  # name: (heads, tokens, head dim)
     "wan-1.3b-480p": (12, 32760, 128),
@@ -38,7 +39,7 @@ DENSITIES = (0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="vdit-sparse bench --cost-model", description=__doc__.split("\n\n")[0])
+    p = argument_parser(prog="vdit-sparse bench --cost-model", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the JSON to write (e.g. configs/cost_model.json)")
     p.add_argument("--shapes", nargs="+", default=["wan-1.3b-480p", "wan-14b-720p"], choices=list(SHAPES))
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))

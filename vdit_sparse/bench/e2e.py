@@ -15,13 +15,14 @@ svg2 runs warm: one untimed forward runs the cold k-means, timed forwards use th
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 
 import torch
+
+from ..errors import argument_parser
 
 SHAPES = {
     # name: (family, transformer config, latent (frames, height, width)); Wan VAE: 4x time, 8x space
@@ -126,10 +127,22 @@ def run(args) -> list[dict]:
     return rows
 
 
+def density_notes(rows: list[dict], shape: str) -> list[str]:
+    """Why a method realised a density far from the one asked: at a small shape its blocks are few, and a
+    pattern rounded to whole blocks (svg's bands, svg2's cluster floor) cannot get below some share."""
+    frames, height, width = SHAPES[shape][2]
+    tokens = frames * (height // 2) * (width // 2)  # latent positions at the transformers' 2 x 2 patch
+    far = sorted({(r["method"], r["density_requested"], round(r["density"], 3)) for r in rows
+                  if r["density_requested"] is not None and abs(r["density"] - r["density_requested"]) > 0.1})
+    return [f"{method} realised {got:.3f} for {asked} asked: the {shape} shape has {tokens} video tokens "
+            f"(64-token blocks: {-(-tokens // 64)} per side), too few for that density; the GPU shapes have hundreds of blocks"
+            for method, asked, got in far]
+
+
 def main(argv=None) -> int:
     from vdit_sparse.methods import sparse_methods
 
-    p = argparse.ArgumentParser(prog="vdit-sparse bench --e2e", description=__doc__.splitlines()[0])
+    p = argument_parser(prog="vdit-sparse bench --e2e", description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), help="default: wan-1.3b-480p, or tiny with --smoke")
     p.add_argument("--layers", type=int, help="layers to build (default: the model's)")
     p.add_argument("--methods", nargs="+", default=sparse_methods(), choices=sparse_methods())
@@ -146,10 +159,13 @@ def main(argv=None) -> int:
 
         require_cuda("--e2e")
     rows = run(args)
-    print(f"{'compiled':>8} {'method':>6} {'density':>7} {'cache':>8} {'ms':>9} {'x dense-c':>9} {'attn %':>6}")
+    print(f"{'compiled':>8} {'method':>6} {'asked':>5} {'density':>7} {'cache':>8} {'ms':>9} {'x dense-c':>9} {'attn %':>6}")
     for r in rows:
-        print(f"{r['compiled']!s:>8} {r['method']:>6} {r['density']:7.3f} {r['cache']:>8} {r['ms']:9.2f} "
+        asked = "-" if r["density_requested"] is None else f"{r['density_requested']:.2f}"
+        print(f"{r['compiled']!s:>8} {r['method']:>6} {asked:>5} {r['density']:7.3f} {r['cache']:>8} {r['ms']:9.2f} "
               f"{r['speedup_vs_dense_compiled']:9.2f} {100 * r['attention_share']:6.1f}")
+    for note in density_notes(rows, args.shape):
+        print(f"note: {note}")
     if args.json:
         from ..atomicfile import atomic_write_json
 

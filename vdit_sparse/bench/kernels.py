@@ -16,7 +16,6 @@ against FlexAttention on the same mask (both bf16), a check that every tuned con
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -24,6 +23,8 @@ import time
 from dataclasses import replace
 
 import torch
+
+from ..errors import argument_parser
 
 SHAPES = {  # name: (heads, tokens, head dim)
     "wan-1.3b-480p": (12, 32760, 128),
@@ -33,7 +34,7 @@ BLOCK = 128
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="vdit-sparse bench --kernels", description=__doc__.split("\n\n")[0])
+    p = argument_parser(prog="vdit-sparse bench --kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.3, 0.15, 0.08])
     p.add_argument("--patterns", nargs="+", default=["random", "banded"], choices=["random", "banded"])

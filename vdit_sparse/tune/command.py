@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, argument_parser
 from ..generate import GenerateRequest, add_generation_args, parse_generation_args, read_prompt_file, request_from_args
 from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
 from .cost import CostModel, load_cost_model
@@ -41,13 +41,8 @@ HOLDOUT_PROMPTS = ("a red circle moving right on a plain background", "two red s
 # --- arguments ---------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # bad flags are bad input: one line, like every other UserError
-        raise UserError(f"tune: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vdit-sparse tune", description=HELP)
+    p = argument_parser(prog="vdit-sparse tune", description=HELP)
     p.add_argument("--out", required=True, metavar="PATH|NAME",
                    help="the table: a .yaml path, or a NAME for NAME.yaml in your tuned folder ($VDIT_SPARSE_HOME/tuned, else "
                         "~/.config/vdit-sparse/tuned); the report goes beside it")
@@ -477,7 +472,7 @@ def choose_table(args, pipe, options, cands, cal_requests, references, out: Path
 
 def main(argv: list[str], pipe=None) -> int:
     """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
-    from ..generate import check_run, check_video_size, resolve
+    from ..generate import check_video_size, preflight, resolve
     from ..loading import load_pipeline, resolve_device, resolve_dtype
     from ..policy import Policy
     from .report import write_report
@@ -495,10 +490,11 @@ def main(argv: list[str], pipe=None) -> int:
     if magcache:  # the runs are dense; the ratios come from diffusers' calibration mode
         base = replace(base, cache="none")
     cfg = resolve(base)
-    params = check_run(cfg, base)
+    params = preflight(cfg, base)
     device = resolve_device(cfg.device)
     if pipe is None:
-        pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device))
+        pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                             random_weights=base.random_weights)
     check_video_size(pipe, cfg.model.frames, cfg.model.height, cfg.model.width)
     pipe.set_progress_bar_config(disable=True)
     if magcache:
