@@ -48,3 +48,13 @@ def test_forced_dense_calls_skip_the_cache():
     assert pol.resolve(0, 1, 4)[2] is True
     assert Policy.build("svg", settings_for("svg"), cache="tileskip+magcache").resolve(0, 3, 4)[2] is True
     assert Policy.build("svg", settings_for("svg"), cache="magcache").resolve(0, 3, 4)[2] is False
+
+
+def test_a_tables_per_layer_warmup_and_dense_layers_are_honoured():
+    """They were accepted and ignored: {1: {warmup_steps: 4}} still ran layer 1 sparse at step 2."""
+    base = settings_for("svg", {"warmup_steps": 1})
+    pol = Policy.build("svg", base, table={1: {"warmup_steps": 4}, 2: {"dense_layers": [2]}, 3: {"warmup_steps": 0}})
+    assert [pol.resolve(0, s, 10)[0] for s in range(5)] == ["dense"] + ["svg"] * 4  # the run's warm-up
+    assert [pol.resolve(1, s, 10)[0] for s in range(5)] == ["dense"] * 4 + ["svg"]  # its own, longer one
+    assert {pol.resolve(2, s, 10)[0] for s in range(10)} == {"dense"}  # a dense layer by its own entry
+    assert pol.resolve(3, 0, 10)[0] == "svg"  # no warm-up of its own

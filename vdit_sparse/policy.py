@@ -46,21 +46,23 @@ class Policy:
             layers[int(layer)] = (get_method(name).name, layer_settings)
         return cls(method, settings, cache, layers)
 
-    def warmup_count(self, num_steps: int | None) -> int:
-        w = self.settings.warmup_steps
+    def warmup_count(self, num_steps: int | None, settings: Settings | None = None) -> int:
+        """Dense warm-up steps of ``settings`` (a layer's own; default the run's)."""
+        w = (settings or self.settings).warmup_steps
         if w >= 1 or w == 0:
             return int(w)
         if num_steps is None:
             raise ValueError(f"warmup_steps={w}: a fraction needs the number of steps, which this pipeline does not announce")
         return int(round(w * num_steps))
 
-    def is_dense_layer(self, layer: int) -> bool:
-        dl = self.settings.dense_layers
+    def is_dense_layer(self, layer: int, settings: Settings | None = None) -> bool:
+        dl = (settings or self.settings).dense_layers
         return layer < dl if isinstance(dl, int) else layer in dl
 
     def resolve(self, layer: int, step: int, num_steps: int | None) -> tuple[str, Settings, bool]:
-        """(method, settings, tile-skip on) for one call; warm-up steps and dense layers run plain dense."""
-        if step < self.warmup_count(num_steps) or self.is_dense_layer(layer):
-            return "dense", self.settings, False
+        """(method, settings, tile-skip on) for one call; warm-up steps and dense layers run plain dense. A layer's
+        own settings (a tuned table's entry) decide its warm-up and whether it is a dense layer."""
         method, settings = self.layers.get(layer, (self.method, self.settings))
+        if step < self.warmup_count(num_steps, settings) or self.is_dense_layer(layer, settings):
+            return "dense", settings, False
         return method, settings, self.tileskip
