@@ -30,7 +30,7 @@ def test_wheel_maps_kernels_pipelines_and_configs_into_the_package(wheel):
     assert tops <= {"vdit_sparse", next(t for t in tops if t.endswith(".dist-info"))}, tops
     assert "vdit_sparse/kernels/block_sparse_attention.py" in names
     assert "vdit_sparse/pipelines/wan.py" in names
-    for yaml in ("config.yaml", "model/tiny.yaml", "model/tiny-long.yaml", "attention/dense.yaml", "cache/none.yaml"):
+    for yaml in ("config.yaml", "model/tiny.yaml", "model/tiny-long.yaml"):
         assert f"vdit_sparse/configs/{yaml}" in names
     assert "vdit_sparse/data/tiny/transformer/diffusion_pytorch_model.safetensors" in names
 

@@ -136,3 +136,13 @@ def test_the_synopsis_names_only_flags_the_command_has(command, capsys):
         helptext += " --kernels --e2e --cost-model"
     missing = sorted(f for f in named if f not in helptext)
     assert not missing, f"README's synopsis of {command} names flags it does not have: {missing}"
+
+
+def test_the_plugin_entry_points_shown_are_the_groups_we_read():
+    from vdit_sparse.registry import CACHES_GROUP, METHODS_GROUP
+
+    (block,) = re.findall(r"```toml\n(.*?)```", README, flags=re.S)
+    groups = tomllib.loads(block)["project"]["entry-points"]
+    assert set(groups) == {METHODS_GROUP, CACHES_GROUP}
+    shipped = tomllib.loads((ROOT / "tests" / "plugins" / "window" / "pyproject.toml").read_text())
+    assert set(shipped["project"]["entry-points"]) == set(groups)

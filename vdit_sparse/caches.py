@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .registry import CACHES_GROUP, discover
 from .settings import Checked, _is_number, count, flag, fraction, nonnegative, positive_int, setting
 
 TILESKIP = "tileskip"
@@ -173,17 +174,36 @@ class SeaCache(StepCache):
                               raw_vision_callback=adapter.output_latents)
 
 
-STEP_CACHES: dict[str, type[StepCache]] = {c.name: c for c in (FBCache, MagCache, TaylorSeer, FasterCache, PAB, SeaCache)}
-CACHES = ("none", TILESKIP, *STEP_CACHES, *(f"{TILESKIP}+{name}" for name in STEP_CACHES))
+BUILTIN = (FBCache, MagCache, TaylorSeer, FasterCache, PAB, SeaCache)
+
+
+def step_caches() -> dict[str, type[StepCache]]:
+    """``{name: StepCache subclass}``: the built-in step caches, then those other packages declare (entry point
+    group vdit_sparse.caches, found once, on first use: registry.py)."""
+    return discover(CACHES_GROUP, StepCache, BUILTIN)
+
+
+def cache_names() -> tuple[str, ...]:
+    """Every value ``cache=`` takes."""
+    steps = step_caches()
+    return ("none", TILESKIP, *steps, *(f"{TILESKIP}+{name}" for name in steps))
+
+
+def __getattr__(name: str):  # STEP_CACHES and CACHES as module attributes, built on first use
+    if name == "STEP_CACHES":
+        return step_caches()
+    if name == "CACHES":
+        return cache_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_cache(cache: str) -> tuple[bool, str | None]:
     """(tile-skip on, step-level cache name or None) of a ``cache=`` value; a bad value is a named error."""
-    if not isinstance(cache, str) or cache not in CACHES:
-        names = ", ".join(["none", TILESKIP, *STEP_CACHES])
+    if not isinstance(cache, str) or cache not in cache_names():
+        names = ", ".join(["none", TILESKIP, *step_caches()])
         raise ValueError(f"cache={cache!r}: unknown cache; known caches are {names}, or tileskip+<one of the step caches>")
     parts = cache.split("+")
-    step = [p for p in parts if p in STEP_CACHES]
+    step = [p for p in parts if p in step_caches()]
     return TILESKIP in parts, step[0] if step else None
 
 
@@ -193,9 +213,9 @@ def split_step_cache_settings(settings: dict) -> tuple[dict, dict[str, dict]]:
     plain, caches = {}, {}
     for key, value in settings.items():
         head, dot, rest = key.partition(".")
-        if head in STEP_CACHES and dot:
+        if head in step_caches() and dot:
             caches.setdefault(head, {})[rest] = value
-        elif key in STEP_CACHES and isinstance(value, dict):
+        elif key in step_caches() and isinstance(value, dict):
             caches.setdefault(key, {}).update(value)
         else:
             plain[key] = value
@@ -211,7 +231,7 @@ def step_cache_settings(cache: str, given: dict[str, dict], tuned: dict | None =
         raise ValueError(f"{stray[0]}.*: settings of a step cache that is not in use (cache is {cache!r})")
     if name is None:
         return None
-    cls = STEP_CACHES[name]
+    cls = step_caches()[name]
     values = {**(tuned or {}).get(name, {}), **given.get(name, {})}
     unknown = sorted(set(values) - set(cls.names()))
     if unknown:

@@ -226,7 +226,7 @@ def pipeline_generate_fn(warmup: bool = True):
             pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype, random_weights=req.random_weights)
         setting = replace(req, prompt="", seed=0, steps=1).key()
         if warmup and setting not in warmed:
-            run_generation(replace(req, steps=1), pipe=pipes[where], progress=False)
+            run_generation(replace(req, steps=1), pipe=pipes[where], progress=False, warmup=True)
             warmed.add(setting)
         return run_generation(req, pipe=pipes[where], cfg=cfg)
 

@@ -38,7 +38,27 @@ def user_tuned_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
+    """The names a config group takes: the registries' for ``attention`` and ``cache``, the YAML files' for ``model``."""
+    if group == "attention":
+        from .methods import METHODS
+
+        return list(METHODS)
+    if group == "cache":
+        from .caches import STEP_CACHES, TILESKIP
+
+        return ["none", TILESKIP, *STEP_CACHES]
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def register_groups() -> None:
+    """Hydra's ``attention`` and ``cache`` groups, one node per registered method and cache (entry-point plugins
+    included), so a new method needs no YAML file of ours; keys given as attention.KEY=V are added to the node."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group in ("attention", "cache"):
+        for name in group_options(group):
+            store.store(group=group, name=name, node={"name": name})
 
 
 def tuned_names() -> list[str]:
@@ -72,6 +92,7 @@ def compose(overrides: list[str]):
     # configs/tuned/ holds tables, not a config group: Hydra would refuse `tuned=NAME`, so set it after
     tuned = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.lstrip("+").startswith("tuned=")]
     overrides = [o for o in overrides if not o.lstrip("+").startswith("tuned=")]
+    register_groups()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides)
@@ -139,10 +160,10 @@ def load_tuned(name_or_path: str) -> tuple[dict[int, dict], dict[str, dict]]:
     return parse_tuned(data, f"tuned table {path}")
 
 
-def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int) -> None:
+def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int | None) -> None:
     """Refuse a tuned table made for another run: its metadata's method, model and step count must be this run's,
-    and a table holding only step-cache settings needs ``cache`` to run that cache. Hand-written tables without
-    metadata are taken as they are."""
+    and a table holding only step-cache settings needs ``cache`` to run that cache (``steps`` None: not checked).
+    Hand-written tables without metadata are taken as they are."""
     from .caches import parse_cache
 
     path, data = _read_tuned(name_or_path)
@@ -160,7 +181,7 @@ def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, 
     if meta.get("model") and meta["model"] != model:
         raise UserError(f"{where}: tuned on model={meta['model']!r}, this run is model={model!r}; tune one for this model")
     tuned_steps = meta.get("steps") or (meta.get("calibration") or {}).get("steps")
-    if tuned_steps and tuned_steps != steps:
+    if tuned_steps and steps is not None and tuned_steps != steps:
         raise UserError(f"{where}: tuned at {tuned_steps} steps, this run has {steps}; run --steps {tuned_steps}, "
                         "or tune a table at this step count")
 

@@ -183,9 +183,8 @@ def check_run(cfg, req: GenerateRequest | None = None):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
     run_step_cache_settings(cfg, req)
     if cfg.get("tuned"):
-        from .config import check_tuned_fits, load_tuned_table
+        from .config import load_tuned_table
 
-        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, cfg.model.name, cfg.model.steps)
         try:
             Policy.build(cfg.attention.name, settings, cfg.cache.name, load_tuned_table(cfg.tuned))
         except ValueError as e:
@@ -200,14 +199,19 @@ def check_run(cfg, req: GenerateRequest | None = None):
     return settings
 
 
-def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1):
-    """:func:`check_run`, and for the embedded models, whose configs are known without loading them, the video
-    size and the Ulysses degree: everything refused before any model work. Returns the run's settings."""
+def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1, warmup: bool = False):
+    """:func:`check_run`; whether a tuned table was made for this method, model and step count (``warmup``: a
+    one-step run before the real one, compile or compare's, of the same table); and for the embedded models, whose
+    configs are known without loading them, the video size and the Ulysses degree: everything refused before any
+    model work. Returns the run's settings."""
     from . import parallel
+    from .config import check_tuned_fits
     from .pipelines.tiny import EMBEDDED, TRANSFORMER_CONFIG, embedded_size_rule
 
     settings = check_run(cfg, req)
     m = cfg.model
+    if cfg.get("tuned"):
+        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, m.name, None if warmup else m.steps)
     if m.name in EMBEDDED:
         check_video_size(None, m.frames, m.height, m.width, embedded_size_rule())
         parallel.check_degree(TRANSFORMER_CONFIG["num_attention_heads"], degree)
@@ -257,8 +261,9 @@ def call_pipeline(pipe, cfg, steps: int | None = None, on_step=None) -> np.ndarr
     return np.asarray(out.frames[0], dtype=np.float32)
 
 
-def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True) -> GenerationResult:
-    """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given)."""
+def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True, warmup: bool = False) -> GenerationResult:
+    """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given); ``warmup``: an untimed run
+    ahead of the real one, at another step count than a tuned table's."""
     import torch
     from omegaconf import OmegaConf
 
@@ -270,7 +275,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .pipelines.tiny import EMBEDDED, VOCAB_WORDS, unknown_words, weights_info
 
     cfg = resolve(req) if cfg is None else cfg
-    settings = preflight(cfg, req, parallel.degree())
+    settings = preflight(cfg, req, parallel.degree(), warmup)
     m = cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -90,13 +90,15 @@ def timed(model, inputs: dict, repeats: int, device) -> float:
 
 def run(args) -> list[dict]:
     import vdit_sparse as vs
+    from vdit_sparse.methods import get_method
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, inputs = build(args.shape, args.layers, device, dtype)
     settings = [("dense", None, "none")]
     for method in args.methods:
-        for density in args.densities:
+        has_density = "density" in get_method(method).Settings.names()  # a method without one runs at its defaults
+        for density in (args.densities if has_density else [None]):
             for cache in (("none", "tileskip") if args.tileskip else ("none",)):
                 settings.append((method, density, cache))
     rows = []

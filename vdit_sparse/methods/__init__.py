@@ -1,28 +1,42 @@
 """Registry of attention methods, by the name users pass as ``attention=``.
 
 Adding a method: write its module (a ``Method`` subclass with its ``Settings``, ``summary`` and
-``knobs``; see base.py) and add it to the tuple below. The CLI help, ``tune``, ``bench`` and the
-config checks read this registry.
+``knobs``; see base.py), then add it to the tuple below, or, from your own package, declare it as an
+entry point of the group ``vdit_sparse.methods`` (vdit_sparse/registry.py). The CLI help, Hydra,
+``tune``, ``bench`` and the config checks read this registry.
 """
 
 from __future__ import annotations
 
+from ..registry import METHODS_GROUP, discover
 from .base import AttentionContext, Method
 from .dense import Dense
 from .svg import SVG
 from .svg2 import SVG2
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, SVG, SVG2)}
+BUILTIN = (Dense, SVG, SVG2)
+
+
+def methods() -> dict[str, type[Method]]:
+    """``{name: Method subclass}``: the built-in methods, then the installed packages' (found once, on first use)."""
+    return discover(METHODS_GROUP, Method, BUILTIN)
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # the registry as a module attribute, built on first use (registry.py says why)
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ValueError(f"attention={name!r}: unknown method; known methods are {', '.join(METHODS)}")
-    return METHODS[name]
+    registry = methods()
+    if name not in registry:
+        raise ValueError(f"attention={name!r}: unknown method; known methods are {', '.join(registry)}")
+    return registry[name]
 
 
 def sparse_methods() -> list[str]:
-    return [name for name, m in METHODS.items() if m.sparse]
+    return [name for name, m in methods().items() if m.sparse]
 
 
-__all__ = ["AttentionContext", "Method", "METHODS", "get_method", "sparse_methods"]
+__all__ = ["AttentionContext", "Method", "METHODS", "get_method", "methods", "sparse_methods"]
