@@ -1,7 +1,7 @@
 import pytest
 
 from vdit_sparse.policy import Policy
-from vdit_sparse.settings import settings_for
+from vdit_sparse.methods import settings_for
 
 
 def test_fractional_warmup_counts_steps():

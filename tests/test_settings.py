@@ -5,7 +5,7 @@ import pytest
 from vdit_sparse.methods import METHODS
 from vdit_sparse.methods.svg import SVGSettings
 from vdit_sparse.methods.svg2 import SVG2Settings
-from vdit_sparse.settings import settings_for
+from vdit_sparse.methods import settings_for
 
 
 @pytest.mark.parametrize("method, key, value, match", [

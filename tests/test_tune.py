@@ -11,7 +11,7 @@ from tests.conftest import run_tiny
 from vdit_sparse import VideoLayout
 from vdit_sparse.errors import UserError
 from vdit_sparse.methods import AttentionContext
-from vdit_sparse.settings import settings_for
+from vdit_sparse.methods import settings_for
 from vdit_sparse.tune.calibrate import Recorder, candidates, sampled_steps
 from vdit_sparse.tune.cost import FALLBACK, FORMAT, CallShape, load_cost_model, proportional
 from vdit_sparse.tune.search import BINS, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from .layout import VideoLayout
-from .methods import AttentionContext, Method, get_method
+from .methods import AttentionContext, Method, get_method, settings_for
 from .plan import full_plan
-from .settings import Settings, settings_for
+from .settings import Settings
 from .tileskip import run_with_tileskip
 
 

@@ -164,7 +164,7 @@ def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
 
 def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateRequest:
     """The base request with one sweep point's fields and settings; the settings are checked against its method."""
-    from .settings import settings_for
+    from .methods import settings_for
 
     from .caches import split_step_cache_settings
 

@@ -132,7 +132,7 @@ def _given_settings(cfg, req: GenerateRequest | None) -> tuple[dict, dict]:
 
 def run_settings(cfg, req: GenerateRequest | None = None):
     """The run's typed settings (vdit_sparse.settings), checked against the method and the cache."""
-    from .settings import settings_for
+    from .methods import settings_for
 
     try:
         return settings_for(cfg.attention.name, _given_settings(cfg, req)[0], cfg.cache.name)
@@ -478,7 +478,7 @@ def read_prompt_file(path: str, flag: str) -> list[str]:
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
     """The request of parsed flags; its settings are checked against the method now, before any model work."""
     from .caches import parse_cache
-    from .settings import settings_for
+    from .methods import settings_for
 
     from .pipelines.tiny import EMBEDDED
 

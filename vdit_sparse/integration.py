@@ -19,11 +19,10 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from .attention import run_method
 from .caches import parse_cache
-from .methods import METHODS, AttentionContext
+from .methods import METHODS, AttentionContext, settings_for
 from .pipelines import adapter_for
 from .pipelines.ulysses import check_supported, context_parallel
 from .policy import Policy
-from .settings import settings_for
 from .stats import Stats, Timer, computed_share, gather_ranks, summarize
 
 HOOK_NAME = "vdit_sparse"

@@ -3,7 +3,7 @@
 ``Settings`` holds what every method shares (where it runs dense, the tile-skip cache's knobs);
 each method module subclasses it with its own fields (``SVGSettings`` in methods/svg.py, ...).
 Python (``accelerate(pipe, attention="svg", density=0.3)``), the CLI (``--density 0.3``) and Hydra
-(``attention.density=0.3``) all end in ``settings_for(method, cache, overrides)``, so one request
+(``attention.density=0.3``) all end in ``vdit_sparse.methods.settings_for(method, overrides, cache)``, so one request
 gives one settings object, whichever way it came. Every field says how it is checked and what it
 means in its metadata, which the CLI help and the error messages read.
 """
@@ -163,17 +163,13 @@ def _plain(v):
     return v
 
 
-def settings_for(method: str, overrides: dict | None = None, cache: str = "none") -> Settings:
-    """The settings of ``method`` with ``overrides`` (canonical names), checked against the method and the cache.
+def __getattr__(name: str):
+    if name == "settings_for":  # moved to vdit_sparse.methods in 0.3 (it reads the method registry); this name stays for 0.3
+        import warnings
 
-    The tile-skip knobs are an error unless ``cache`` includes tileskip: they would change nothing.
-    """
-    from .methods import get_method
+        warnings.warn("vdit_sparse.settings.settings_for moved to vdit_sparse.methods.settings_for", DeprecationWarning,
+                      stacklevel=2)
+        from .methods import settings_for
 
-    overrides = dict(overrides or {})
-    settings_cls = get_method(method).Settings
-    if "tileskip" not in cache.split("+"):
-        stray = [k for k in TILESKIP_FIELDS if k in overrides]
-        if stray:
-            raise ValueError(f"{', '.join(stray)}: a tile-skip setting, used only with cache='tileskip' (cache is {cache!r})")
-    return settings_cls().updated(**overrides)
+        return settings_for
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

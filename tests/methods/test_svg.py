@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vdit_sparse import VideoLayout, sparse_attention
-from vdit_sparse.settings import settings_for
+from vdit_sparse.methods import settings_for
 from vdit_sparse.methods import AttentionContext
 from vdit_sparse.methods.svg import (
     SPATIAL,

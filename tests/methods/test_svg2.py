@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vdit_sparse import VideoLayout, sparse_attention
-from vdit_sparse.settings import settings_for
+from vdit_sparse.methods import settings_for
 from vdit_sparse.kernels.kmeans import cluster_sizes
 from vdit_sparse.kernels.reference import dense_reference
 from vdit_sparse.methods import AttentionContext

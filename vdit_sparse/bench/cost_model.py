@@ -111,7 +111,7 @@ def kernel_points(q, k, v, args, device) -> list[dict]:
 
 def planning_ms(q, k, v, args, device) -> dict:
     from vdit_sparse.methods import AttentionContext, get_method, sparse_methods
-    from vdit_sparse.settings import settings_for
+    from vdit_sparse.methods import settings_for
 
     layout = layout_for(q.shape[2])
     out = {}

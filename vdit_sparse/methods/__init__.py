@@ -9,6 +9,7 @@ entry point of the group ``vdit_sparse.methods`` (vdit_sparse/registry.py). The 
 from __future__ import annotations
 
 from ..registry import METHODS_GROUP, discover
+from ..settings import TILESKIP_FIELDS, Settings
 from .base import AttentionContext, Method
 from .dense import Dense
 from .svg import SVG
@@ -39,4 +40,18 @@ def sparse_methods() -> list[str]:
     return [name for name, m in methods().items() if m.sparse]
 
 
-__all__ = ["AttentionContext", "Method", "METHODS", "get_method", "methods", "sparse_methods"]
+def settings_for(method: str, overrides: dict | None = None, cache: str = "none") -> Settings:
+    """The settings of ``method`` with ``overrides`` (canonical names), checked against the method and the cache.
+
+    The tile-skip knobs are an error unless ``cache`` includes tileskip: they would change nothing.
+    """
+    overrides = dict(overrides or {})
+    settings_cls = get_method(method).Settings
+    if "tileskip" not in cache.split("+"):
+        stray = [k for k in TILESKIP_FIELDS if k in overrides]
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: a tile-skip setting, used only with cache='tileskip' (cache is {cache!r})")
+    return settings_cls().updated(**overrides)
+
+
+__all__ = ["AttentionContext", "Method", "METHODS", "get_method", "methods", "settings_for", "sparse_methods"]

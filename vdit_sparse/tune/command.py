@@ -27,9 +27,8 @@ from ..errors import UserError, argument_parser
 from ..generate import GenerateRequest, add_generation_args, parse_generation_args, read_prompt_file, request_from_args
 from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
 from .cost import CostModel, load_cost_model
-from .search import InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
+from .search import PSNR_CAP, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
-PSNR_CAP = 100.0  # dB: an identical video's PSNR (infinite) counts as this, so means stay finite; printed "identical"
 HELP = ("find per-layer sparse-attention settings for a quality target, or (--cache magcache) measure MagCache's "
         "ratios; write a tuned table and a report")
 # Defaults: captions of the embedded model's world (plain English for any other model); the held-out pair is
@@ -126,7 +125,7 @@ def _check_knob(args) -> None:
 
 
 def knob_values(args) -> list[float]:
-    from ..settings import settings_for
+    from ..methods import settings_for
 
     if args.values is None:
         return list(knobs_of(args.attention, args.cache)[args.knob])

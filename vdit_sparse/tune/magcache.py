@@ -64,7 +64,7 @@ def validate(pipe, requests, table: Path) -> dict:
     from ..generate import run_generation
     from ..quality import psnr
     from ..stats import computed_share
-    from .command import PSNR_CAP
+    from .search import PSNR_CAP
 
     rows = []
     for req in requests:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 BINS = 2000
 DEFAULT_SLOPE = 20.0  # dB per decade of error when the video's error is proportional to attention error
+PSNR_CAP = 100.0  # dB: an identical video's PSNR (infinite) counts as this, so means stay finite; printed "identical"
 
 
 @dataclass(frozen=True)
