@@ -149,6 +149,20 @@ def test_fuse_before_accelerate_projects_through_to_qkv_and_remove_restores_the_
     assert torch.equal(generate(), fused_ref)
 
 
+def test_unfuse_after_a_fused_accelerate_is_refused_naming_unfuse():
+    pipe, generate, modules = build("cogvideox")
+    pipe.transformer.fuse_qkv_projections()
+    fused_ref = generate()
+    acc = vs.accelerate(pipe, attention="dense")
+    pipe.transformer.unfuse_qkv_projections()  # diffusers puts its stock unfused processors over ours
+    with pytest.raises(ProcessorReplacedError, match=r"^pipe\.transformer\.transformer_blocks\.0\.attn1: its attention "
+                       r"processor is now CogVideoXAttnProcessor2_0, not vdit_sparse's \(transformer\.unfuse_qkv_projections\(\)"):
+        generate()
+    acc.remove()
+    assert {type(m.processor).__name__ for m in modules} == {"CogVideoXAttnProcessor2_0"}
+    assert torch.allclose(generate(), fused_ref, atol=1e-5, rtol=0)
+
+
 def test_fuse_after_accelerate_on_wan_keeps_our_processors_which_read_the_fused_projection():
     """Wan's fuse_qkv_projections changes the modules, not their processors: ours see attn.fused_projections."""
     pipe, generate, modules = build("wan")

@@ -10,6 +10,7 @@ its own; both are refused at the transformer call, in one line that says how to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -80,9 +81,7 @@ def describe(processor) -> str:
 def check_caller(pipe, model: str, transformer) -> None:
     """Refuse a call made by another pipeline than the accelerated one: it shares the transformer (built from
     the accelerated pipeline's components) and its calls would be counted as this handle's."""
-    from diffusers import DiffusionPipeline
-
-    if not isinstance(pipe, DiffusionPipeline):  # a transformer accelerated on its own serves every pipeline
+    if not isinstance(pipe, pipeline_class()):  # a transformer accelerated on its own serves every pipeline
         return
     caller = calling_pipeline()
     if caller is None or caller is pipe:
@@ -101,16 +100,23 @@ def calling_pipeline():
     The transformer is all the hook sees; the stack is the one place that says which pipeline drives it.
     One walk per transformer call, a few microseconds.
     """
-    from diffusers import DiffusionPipeline
-
+    pipeline = pipeline_class()
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "__call__":
             caller = frame.f_locals.get("self")
-            if isinstance(caller, DiffusionPipeline):
+            if isinstance(caller, pipeline):
                 return caller
         frame = frame.f_back
     return None
+
+
+@functools.cache
+def pipeline_class() -> type:
+    """diffusers' DiffusionPipeline, looked up once: ``from diffusers import ...`` goes through a lazy module each time."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
 
 
 def already_accelerated_message(model: str, transformer, earlier, pipe) -> str:
