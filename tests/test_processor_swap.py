@@ -318,3 +318,16 @@ def test_peft_lora_weights_added_after_accelerate_run_through_our_processors():
     assert len(rows) == 2 * 2 * len(modules)
     assert (out - ref).abs().max() > 1e-3  # the adapter acts
     assert torch.equal(out, generate())  # as it does in the stock pipeline
+
+
+def test_processors_of_a_removed_handle_put_back_by_hand_say_so():
+    pipe, generate, _ = build("wan")
+    acc = vs.accelerate(pipe, attention="dense")
+    saved = pipe.transformer.attn_processors  # ours among them
+    acc.remove()
+    pipe.transformer.set_attn_processor(saved)
+    with pytest.raises(RuntimeError, match=r"^vdit_sparse: a processor of a removed handle ran"):
+        generate()
+    with pytest.raises(ValueError, match=r"^pipe\.transformer\.blocks\.0\.attn1: holds WanSelfAttnProcessor of another "
+                       r"vdit_sparse handle, which vdit_sparse cannot stand in for"):
+        vs.accelerate(pipe, attention="dense")

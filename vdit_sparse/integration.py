@@ -5,7 +5,9 @@ A stateful ``ModelHook`` on each transformer learns the CFG branch and step from
 layout from the latents; processors installed on the self-attention modules hand q, k, v to the
 handle, which applies the policy and the method. The handle is made of small parts: the wiring
 (processors and hooks in, and out again), one state per (branch, model, layer) as diffusers'
-``StateManager`` keeps one per context, the policy, and the statistics.
+``StateManager`` keeps one per context, the policy, and the statistics. At each transformer call the
+hook first checks that the handle's processors are still installed and that the accelerated pipeline
+is the caller (ownership.py): what the handle reports is what ran.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from .pipelines.processor import HandleProcessor
+
 
 class ProcessorReplacedError(RuntimeError):
     """A self-attention module holds a processor the handle did not install."""
@@ -63,7 +65,7 @@ def replaced_message(model: str, entry: Installed, adapter) -> str:
 
 
 def likely_cause(entry: Installed, found) -> str:
-    if getattr(found, "attend", None) is not None and hasattr(found, "layer"):  # a HandleProcessor of another handle
+    if isinstance(found, HandleProcessor):
         return "unfuse_qkv_projections() or set_attn_processor putting back a removed handle's processors"
     if "Fused" in type(found).__name__:
         return "transformer.fuse_qkv_projections()"
@@ -73,7 +75,7 @@ def likely_cause(entry: Installed, found) -> str:
 
 
 def describe(processor) -> str:
-    if getattr(processor, "attend", None) is not None and hasattr(processor, "layer"):
+    if isinstance(processor, HandleProcessor):
         return f"{type(processor).__name__} of another vdit_sparse handle"
     return type(processor).__name__
 
