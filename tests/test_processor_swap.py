@@ -16,6 +16,9 @@ from vdit_sparse.pipelines import CogVideoXAdapter, WanAdapter
 from .pipelines._joint import register
 from .pipelines.test_cogvideox import build_pipeline as cogvideox_pipeline
 from .pipelines.test_cogvideox import pipeline_generate as cogvideox_generate
+from .pipelines.test_hunyuan import build_transformer as hunyuan_transformer
+from .pipelines.test_hunyuan import inputs as hunyuan_inputs
+from .pipelines.test_hunyuan import run as hunyuan_run
 
 
 @pytest.fixture
@@ -207,6 +210,24 @@ def test_set_attn_processor_after_accelerate_is_refused_and_remove_keeps_the_new
     finally:
         acc.remove()
     assert modules[1].processor is mine
+
+
+def test_a_processor_swapped_in_a_single_stream_block_of_an_accelerated_hunyuan_transformer_is_named():
+    """A transformer accelerated on its own: direct calls, two block lists, the module named by its own path."""
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+    t, kw = hunyuan_transformer(), hunyuan_inputs()
+    ref = hunyuan_run(t, **kw)
+    acc = vs.accelerate(t, attention="dense")
+    try:
+        assert torch.equal(hunyuan_run(t, **kw), ref)
+        t.single_transformer_blocks[0].attn.set_processor(HunyuanVideoAttnProcessor2_0())
+        with pytest.raises(ProcessorReplacedError, match=r"^pipe\.transformer\.single_transformer_blocks\.0\.attn: its "
+                           r"attention processor is now HunyuanVideoAttnProcessor2_0"):
+            hunyuan_run(t, **kw)
+    finally:
+        acc.remove()
+    assert torch.equal(hunyuan_run(t, **kw), ref)
 
 
 def test_set_attention_backend_after_accelerate_reaches_our_processors_and_remove_hands_it_back():

@@ -43,8 +43,7 @@ def check_stands_in_for(adapter, model: str, name: str, processor) -> None:
     stock = adapter.stock_processors[0]
     raise ValueError(
         f"pipe.{model}.{name}: holds {describe(processor)}, which vdit_sparse cannot stand in for (it reproduces "
-        f"{', '.join(adapter.stock_processors)}); put the stock one back (transformer.set_attn_processor({stock}())) "
-        "before accelerate; LoRA weights loaded with load_lora_weights need nothing, they live in the projections"
+        f"{', '.join(adapter.stock_processors)}); put a stock {stock} back on it before accelerate; LoRA weights loaded with load_lora_weights need nothing, they live in the projections"
     )
 
 
