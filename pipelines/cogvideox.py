@@ -17,6 +17,12 @@ class CogVideoXJointAttnProcessor(HandleProcessor):
 
     text_position = "before"
 
+    def __init__(self, attend, layer: int, original):
+        super().__init__(attend, layer, original)
+        # fuse_qkv_projections() before accelerate: the stock processor is the fused one, which projects q, k, v
+        # with attn.to_qkv; so do we, and remove() puts it back
+        self.fused = type(original).__name__ == "FusedCogVideoXAttnProcessor2_0"
+
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
@@ -26,7 +32,11 @@ class CogVideoXJointAttnProcessor(HandleProcessor):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, N, B)
             attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if self.fused:
+            qkv = attn.to_qkv(hidden_states)  # (B, T + V, 3 C)
+            q, k, v = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = k.shape[-1] // attn.heads
         # (B, H, N, D) strided views, exactly as the stock processor lays them out for SDPA
         q, k, v = (t.view(B, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
@@ -67,6 +77,7 @@ class CogVideoXAdapter(Adapter):
     forward_args = ("hidden_states", "encoder_hidden_states")
     text = "before"
     processor = CogVideoXJointAttnProcessor
+    stock_processors = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
     unsupported_caches = {
         "seacache": "diffusers' SeaCache (0.42) never reuses its residual on this family: measured, nothing skipped",
     }

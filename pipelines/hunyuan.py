@@ -122,6 +122,7 @@ class HunyuanVideoAdapter(Adapter):
     forward_args = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
     text = "after"
     processor = HunyuanJointAttnProcessor
+    stock_processors = ("HunyuanVideoAttnProcessor2_0",)  # fuse_qkv_projections() leaves this family's modules alone (0.42)
     unsupported_caches = {
         **Adapter.unsupported_caches,
         "seacache": "diffusers' SeaCache (0.42) never reuses its residual on this family: measured, nothing skipped",

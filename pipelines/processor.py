@@ -101,6 +101,13 @@ class Adapter:
                        "one batched call (CogVideoX)",
     }
     processor: type[HandleProcessor] = HandleProcessor
+    # diffusers' processors (class names) that ours reproduces, the default first: accelerate replaces only these
+    stock_processors: tuple[str, ...] = ()
+
+    @classmethod
+    def stands_in_for(cls, processor) -> bool:
+        """Whether our processor computes what ``processor`` does (a stock processor or a subclass of one)."""
+        return any(c.__name__ in cls.stock_processors for c in type(processor).__mro__)
 
     @classmethod
     def matches(cls, transformer) -> bool:

@@ -24,7 +24,7 @@ class WanSelfAttnProcessor(HandleProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)  # to_qkv after fuse_qkv_projections()
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -43,3 +43,4 @@ class WanAdapter(Adapter):
     blocks = ("blocks",)
     attention = "attn1"
     processor = WanSelfAttnProcessor
+    stock_processors = ("WanAttnProcessor",)  # fused or not: both read attn.fused_projections

@@ -5,7 +5,9 @@ A stateful ``ModelHook`` on each transformer learns the CFG branch and step from
 layout from the latents; processors installed on the self-attention modules hand q, k, v to the
 handle, which applies the policy and the method. The handle is made of small parts: the wiring
 (processors and hooks in, and out again), one state per (branch, model, layer) as diffusers'
-``StateManager`` keeps one per context, the policy, and the statistics.
+``StateManager`` keeps one per context, the policy, and the statistics. At each transformer call the
+hook first checks that the handle's processors are still installed and that the accelerated pipeline
+is the caller (ownership.py): what the handle reports is what ran.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from .attention import run_method
 from .caches import parse_cache
 from .methods import METHODS, AttentionContext, settings_for
+from .ownership import Installed, already_accelerated_message, check_caller, check_processors, check_stands_in_for, restore
 from .pipelines import adapter_for
 from .pipelines.ulysses import check_supported, context_parallel
 from .policy import Policy
@@ -41,9 +44,9 @@ class _StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, handle: "AccelerateHandle", model: str, adapter):
+    def __init__(self, handle: "AccelerateHandle", model: str, adapter, installed: list[Installed]):
         super().__init__()
-        self.handle, self.model, self.adapter = handle, model, adapter
+        self.handle, self.model, self.adapter, self.installed = handle, model, adapter, installed
         self.state_manager = StateManager(_BranchState)
         self._no_context_state = _BranchState()
 
@@ -55,6 +58,9 @@ class _StepHook(ModelHook):
     # on the step number and recompile at every step.
     @torch.compiler.disable
     def _announce(self, module, args, kwargs) -> None:
+        # what runs must be what the handle says: our processors, driven by the accelerated pipeline
+        check_processors(self.model, self.installed, self.adapter)
+        check_caller(self.handle.pipe, self.model, module)
         try:
             context = self.state_manager.context
         except ValueError:  # called outside a pipeline's cache_context
@@ -149,7 +155,7 @@ class _Wiring:
     """Our processors and step hook in a pipeline's transformers, and everything needed to take them out."""
 
     def __init__(self):
-        self.originals: list[tuple[torch.nn.Module, object]] = []
+        self.installed: list[tuple[torch.nn.Module, list[Installed]]] = []  # per transformer, our processors
         self.models: list[torch.nn.Module] = []
         self.layers: dict[str, int] = {}  # self-attention layers per model
         self.cached: list[torch.nn.Module] = []  # transformers we enabled a step-level cache on
@@ -172,18 +178,25 @@ class _Wiring:
 
     def install(self, name: str, transformer, handle: "AccelerateHandle") -> None:
         adapter = adapter_for(transformer)
-        self.layers[name] = len(adapter.self_attention(transformer))
+        modules = adapter.self_attention(transformer)
+        self.layers[name] = len(modules)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        if registry.get_hook(HOOK_NAME) is not None:
-            raise ValueError(f"pipe.{name}: already accelerated; call .remove() on the earlier handle first")
+        earlier = registry.get_hook(HOOK_NAME)
+        if earlier is not None:
+            raise ValueError(already_accelerated_message(name, transformer, earlier.handle.pipe, handle.pipe))
         check_context_parallel(transformer, handle.policy)
-        for layer, module in adapter.self_attention(transformer):
-            self.originals.append((module, module.processor))
+        names = {id(m): n for n, m in transformer.named_modules()}
+        for _, module in modules:
+            check_stands_in_for(adapter, name, names[id(module)], module.processor)
+        installed: list[Installed] = []
+        self.installed.append((transformer, installed))  # before the first swap: remove() undoes a partial install
+        for layer, module in modules:
             processor = adapter.processor(handle.entry(), layer, module.processor)
             # enabled before us on a stock processor without the attribute (CogVideoX's): the model has it
             processor._parallel_config = processor._parallel_config or context_parallel_config(transformer)
+            installed.append(Installed(names[id(module)], module, processor, module.processor))
             module.set_processor(processor)
-        registry.register_hook(_StepHook(handle, name, adapter), HOOK_NAME)
+        registry.register_hook(_StepHook(handle, name, adapter, installed), HOOK_NAME)
         registry.invalidate_child_registries_cache()
         self.models.append(transformer)
 
@@ -198,16 +211,14 @@ class _Wiring:
 
     def remove(self) -> None:
         self.disable_step_cache()
-        for module, original in self.originals:
-            if hasattr(original, "_parallel_config"):  # enable_parallelism after accelerate set it on ours only
-                original._parallel_config = getattr(module.processor, "_parallel_config", original._parallel_config)
-            module.set_processor(original)
+        for transformer, installed in self.installed:
+            restore(installed, transformer)
         for model in self.models:
             model._compiled_call_impl = None  # undo nn.Module.compile
             registry = HookRegistry.check_if_exists_or_initialize(model)
             registry.remove_hook(HOOK_NAME, recurse=False)
             registry.invalidate_child_registries_cache()
-        self.originals.clear()
+        self.installed.clear()
         self.models.clear()
 
 
@@ -275,6 +286,9 @@ class AccelerateHandle:
 
     def _call(self) -> AttentionContext:
         if self._current is None:
+            if self.removed:  # its hook is gone: the processor was put back by hand
+                raise RuntimeError("vdit_sparse: a processor of a removed handle ran (put back by set_attn_processor or "
+                                   "unfuse_qkv_projections); set the stock processors, or accelerate again")
             raise RuntimeError("vdit_sparse: self-attention ran outside a transformer forward; the step hook is missing")
         return self._current
 
