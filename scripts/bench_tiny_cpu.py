@@ -3,6 +3,7 @@
     python scripts/bench_tiny_cpu.py --out bench-cpu            # all experiments (about 25 minutes on 2 cores)
     python scripts/bench_tiny_cpu.py --out bench-cpu --only caches --prompts 4
     python scripts/bench_tiny_cpu.py --out bench-cpu --summary  # print the tables of what is there
+    python scripts/bench_tiny_cpu.py --out bench-long --model tiny-long --only defaults --prompts 3
 
 Each experiment is one ``vdit-sparse compare`` (or ``tune``) command on held-out prompts of the shapes
 world; its report folder lands under ``--out``. Speed-ups come from compare itself: the dense reference is
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=6, help="held-out prompts per experiment")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 20], help="step counts of the cache experiments")
     p.add_argument("--summary", action="store_true", help="only print the tables of what --out holds")
+    p.add_argument("--model", default="tiny", help="the embedded model: tiny (448 tokens) or tiny-long (1,600)")
+    p.add_argument("--flags", default="", help="more flags for every command, e.g. '--threads 1 --repeats 3'")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(args.out))
@@ -142,13 +145,14 @@ def main(argv=None) -> int:
         magcache = args.out / f"magcache-{steps}.yaml"
         if "caches" in todo and not magcache.exists():
             run(["tune", "--cache", "magcache", "--steps", str(steps), "--out", str(magcache),
-                 "--holdout", str(prompts)], log)
+                 "--holdout", str(prompts), "--model", args.model], log)
         for name, commands in experiments(prompts, magcache, steps).items():
             if name not in todo or (name != "caches" and steps != args.steps[0]):
                 continue
             for argv in commands:
                 key = f"{name}-{steps}"
-                timings[key] = timings.get(key, 0.0) + run([a.replace("{out}", str(args.out)) for a in argv], log)
+                argv = [a.replace("{out}", str(args.out)) for a in argv] + ["--model", args.model, *args.flags.split()]
+                timings[key] = timings.get(key, 0.0) + run(argv, log)
     print(f"load after: {os.getloadavg()[0]:.2f}; wall per experiment: {json.dumps({k: round(v) for k, v in timings.items()})}")
     print(summary(args.out))
     return 0
