@@ -186,7 +186,8 @@ def test_compiled_and_eager_accelerated_pipelines_agree_without_recompiling_per_
 def test_python_and_cli_resolve_the_same_settings(tiny_pipe, method, cache):
     """accelerate(pipe, attention=m) and `generate --attention m` build one settings object, defaults included."""
     from vdit_sparse.cli import build_parser
-    from vdit_sparse.generate import parse_generation_args, request_from_args, resolve, run_settings
+    from vdit_sparse.flags import parse_generation_args, request_from_args
+    from vdit_sparse.generate import resolve, run_settings
 
     args = parse_generation_args(build_parser(), ["generate", "p", "--attention", method, "--cache", cache])
     req = request_from_args(args, "p")
@@ -199,7 +200,8 @@ def test_python_and_cli_resolve_the_same_settings(tiny_pipe, method, cache):
 
 def test_python_and_cli_make_the_same_video(tiny_pipe):
     from vdit_sparse.cli import build_parser
-    from vdit_sparse.generate import parse_generation_args, request_from_args, run_generation
+    from vdit_sparse.flags import parse_generation_args, request_from_args
+    from vdit_sparse.generate import run_generation
 
     argv = ["generate", "a red square moving right", "--attention", "svg", "--steps", "4", "--frames", "9",
             "--height", "64", "--width", "64", "--density", "0.4"]

@@ -94,7 +94,7 @@ def check_torchrun(rest: list[str]) -> None:
     can be shared that way, and the command's own flags parse."""
     from vdit_sparse import compare
     from vdit_sparse.cli import build_parser
-    from vdit_sparse.generate import parse_generation_args
+    from vdit_sparse.flags import parse_generation_args
     from vdit_sparse.parallel import check_degree
     from vdit_sparse.pipelines.tiny import TRANSFORMER_CONFIG
 

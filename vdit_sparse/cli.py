@@ -12,7 +12,8 @@ from .errors import UserError
 
 def _generate(args) -> int:
     from . import parallel
-    from .generate import default_out, request_from_args, run_generation, sidecar
+    from .flags import default_out, request_from_args
+    from .generate import run_generation, sidecar
     from .atomicfile import atomic_write_json
     from .video import check_output, sidecar_path, write_video
 
@@ -32,7 +33,7 @@ def _generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_generation_args
+    from .flags import add_generation_args
 
     from .errors import argument_parser
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     _quiet_libraries()  # imports diffusers: seconds, inside the guard so a Ctrl-C here is one line too
-    from .generate import parse_generation_args
+    from .flags import parse_generation_args
 
     if argv and argv[0] in _EXTRA_COMMANDS and _optional(_EXTRA_COMMANDS[argv[0]]) is not None:
         # these commands parse their own flags (argparse would not hand a leading option through)

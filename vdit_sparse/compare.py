@@ -34,10 +34,8 @@ import numpy as np
 
 from . import parallel
 from .errors import UserError, argument_parser
-from .generate import (
-    OVERRIDE, GenerateRequest, GenerationResult, add_generation_args, parse_generation_args, read_prompt_file,
-    request_from_args,
-)
+from .flags import OVERRIDE, add_generation_args, parse_generation_args, read_prompt_file, request_from_args
+from .generate import GenerateRequest, GenerationResult
 from .runs import RunStore, default_cache_dir, reference_key
 
 HELP = "compare accelerated videos with dense ones from the same seeds; write metrics.json and report.html"

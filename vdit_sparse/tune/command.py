@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, argument_parser
-from ..generate import GenerateRequest, add_generation_args, parse_generation_args, read_prompt_file, request_from_args
+from ..flags import add_generation_args, parse_generation_args, read_prompt_file, request_from_args
+from ..generate import GenerateRequest
 from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
 from .cost import CostModel, load_cost_model
 from .search import PSNR_CAP, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
