@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from .base import AttentionContext, Method
 from .dense import Dense
+from .sta import STA
 from .svg import SVG
 from .svg2 import SVG2
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, SVG, SVG2)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, SVG, SVG2, STA)}
 
 
 def get_method(name: str) -> type[Method]:
