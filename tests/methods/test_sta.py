@@ -193,3 +193,44 @@ def test_through_accelerate_on_the_tiny_pipeline(tiny_pipe):
     assert all(r["density"] == pytest.approx(want) for r in sparse_rows) and want == pytest.approx(1 / 3 * 1 / 2)
     assert 0 < abs(sparse - dense).max() < 0.5
     assert (run_tiny(tiny_pipe, steps=2) == dense).all()  # removed: dense again, bit for bit
+
+
+def test_per_layer_windows_from_a_tuned_table(tiny_pipe):
+    from vdit_sparse import accelerate
+
+    table = {"layers": {0: {"window": [0, 0, 0]}, 1: {"window": [1, 1, 1]}}}  # as a tuned YAML holds them
+    handle = accelerate(tiny_pipe, attention="sta", tuned=table, tile=(1, 2, 2), window=(0, 1, 0), warmup_steps=0)
+    try:
+        run_tiny(tiny_pipe, steps=1)
+        rows = handle.stats()
+    finally:
+        handle.remove()
+    layout = VideoLayout(frames=3, height=4, width=4)
+    want = {0: (0, 0, 0), 1: (1, 1, 1)}
+    for r in rows:
+        window = want.get(r["layer"], (0, 1, 0))  # layers the table does not name keep the run's window
+        assert r["density"] == pytest.approx(window_density(layout, (1, 2, 2), window))
+
+
+def test_tune_chooses_a_window_per_layer(tmp_path, tiny_pipe):
+    import json
+
+    from vdit_sparse.config import load_tuned_table
+    from vdit_sparse.tune import command as tune
+
+    (tmp_path / "cal.txt").write_text("a red square moving right\n")
+    out = tmp_path / "sta.yaml"
+    argv = ["--attention", "sta", "--target-error", "0.5", "--values=[0,0,0],[1,0,0],[1,1,1]", "--out", str(out),
+            "--no-validate", "--steps", "1", "--frames", "9", "--height", "64", "--width", "64",
+            "--prompts", str(tmp_path / "cal.txt"), "attention.tile=[1,2,2]", "attention.warmup_steps=0"]
+    assert tune.main(argv, pipe=tiny_pipe) == 0
+    table = load_tuned_table(str(out))  # YAML lists, read back as the windows they were
+    assert sorted(table) == list(range(len(tiny_pipe.transformer.blocks)))
+    assert all(s in ({"window": [0, 0, 0]}, {"window": [1, 0, 0]}, {"window": [1, 1, 1]}, {"attention": "dense"})
+               for s in table.values())
+    report = json.loads((tmp_path / "sta.report.json").read_text())
+    layout = VideoLayout(frames=3, height=4, width=4)
+    for layer, curve in report["curves"].items():  # each window calibrated at its exact density
+        by_window = {tuple(c["setting"]["window"]): c["density"] for c in curve if "window" in c["setting"]}
+        assert by_window == pytest.approx({w: window_density(layout, (1, 2, 2), w) for w in by_window})
+    assert report["metadata"]["predicted"]["mean_error"] <= 0.5

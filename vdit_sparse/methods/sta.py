@@ -72,8 +72,9 @@ class STA(Method):
     name = "sta"
     Settings = STASettings
     summary = "sliding tile attention: each query tile sees the key tiles of a fixed 3-D window around it (no planning)"
-    # from the tile itself to 3 tiles each way; at a small grid several are the whole video (tune warns of those)
-    knobs = {"window": ((0, 0, 0), (1, 0, 0), (0, 1, 1), (1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 2), (3, 3, 3))}
+    # from the tile itself to 3 tiles each way, growing in time first (videos run longer than a tile grid is wide);
+    # on a small grid several cover the whole video, and tune warns of those; --values gives a grid's own
+    knobs = {"window": ((0, 0, 0), (1, 0, 0), (0, 1, 1), (2, 0, 0), (1, 1, 1), (2, 1, 1), (2, 2, 2), (3, 3, 3))}
 
     def plan(self, q, k, ctx: AttentionContext, params: STASettings, v=None) -> tuple[BlockPlan | None, dict]:
         """q, k (B, H, N, D) -> (plan, info with ``window``: the window used, [wt, wh, ww])."""
