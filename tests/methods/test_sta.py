@@ -234,3 +234,21 @@ def test_tune_chooses_a_window_per_layer(tmp_path, tiny_pipe):
         by_window = {tuple(c["setting"]["window"]): c["density"] for c in curve if "window" in c["setting"]}
         assert by_window == pytest.approx({w: window_density(layout, (1, 2, 2), w) for w in by_window})
     assert report["metadata"]["predicted"]["mean_error"] <= 0.5
+
+
+def test_with_a_step_cache_skipped_layers_make_no_sta_calls(tiny_pipe):
+    from vdit_sparse import accelerate
+
+    dense = run_tiny(tiny_pipe, steps=3)
+    handle = accelerate(tiny_pipe, attention="sta", cache="fbcache", tile=(1, 2, 2), window=(0, 0, 1), warmup_steps=0,
+                        **{"fbcache.threshold": 10.0})  # every block after the first reuses its residual
+    try:
+        run_tiny(tiny_pipe, steps=3)
+        rows, computed = handle.stats(), handle.computed()
+    finally:
+        handle.remove()
+    layers = len(tiny_pipe.transformer.blocks)
+    assert sum(len(c["layers"]) for c in computed) == len(rows) < 2 * 3 * layers  # some layers were skipped
+    want = window_density(VideoLayout(frames=3, height=4, width=4), (1, 2, 2), (0, 0, 1))
+    assert rows and all(r["method"] == "sta" and r["density"] == pytest.approx(want) for r in rows)
+    assert (run_tiny(tiny_pipe, steps=3) == dense).all()

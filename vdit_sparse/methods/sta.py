@@ -9,9 +9,12 @@ svg's temporal heads are permuted, and query tile i computes the key tiles of it
     along each axis, the 2w + 1 tiles centred on the query's tile, slid inward at the edges of the video
 
 with ``window = (wt, wh, ww)`` tiles each way along frames, height and width; (0, 0, 0) is the tile itself.
-Sliding (the published method's window, as in neighbourhood attention) keeps every query at the same
-number of key tiles, 2w + 1 per axis or the whole axis when it has fewer tiles: a query at an edge sees
-the tiles next to the window it would have had, not fewer. Text rows and columns are computed densely.
+The published method counts the whole window in tiles: its (3, 3, 3) is (1, 1, 1) here. Sliding (the
+published reference mask clamps the window's centre half a window from the edges, as neighbourhood
+attention does) keeps every query at the same number of key tiles, 2w + 1 per axis or the whole axis when
+it has fewer: a query at an edge sees the tiles next to the window it would have had, not fewer. The
+published kernels need tiles that divide the grid; here edge tiles are partial (shorter segments).
+Text rows and columns are computed densely.
 
 The plan depends only on the layout, ``tile`` and ``window``: it is built at the first call of a
 (branch, layer) and reused at every step (kept in ``ctx.state``), every head of a call sharing it.
@@ -26,6 +29,7 @@ exact density is a product of per-axis sums: choosing costs O(tiles) arithmetic,
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +41,6 @@ from .base import AttentionContext, Method
 
 DEFAULT_TILE = (4, 4, 4)
 DEFAULT_DENSITY = 0.25  # what the default window aims at
-AXES = ("frames", "height", "width")
 
 
 def tile_shape(name, v):
@@ -118,7 +121,7 @@ def tile_order(layout: VideoLayout, tile, device=None) -> tuple[torch.Tensor, to
     (frame-major inside a tile), and the tokens of each tile."""
     ids = tile_of_token(layout, tile, device)
     perm = torch.sort(ids, stable=True).indices
-    sizes = torch.bincount(ids, minlength=int(torch.tensor(tile_counts(layout, tile)).prod()))
+    sizes = torch.bincount(ids, minlength=math.prod(tile_counts(layout, tile)))
     return perm, sizes
 
 
