@@ -2,6 +2,7 @@
 
     python scripts/bench_sta_cpu.py --out bench-sta.json                 # 3 held-out prompts, the first timed
     python scripts/bench_sta_cpu.py --out bench-sta.json --summary       # print the table of a finished run
+    python scripts/bench_sta_cpu.py --out per-call.json --per-call 200   # one attention call: sta against dense SDPA
 
 For every prompt: the dense video and every setting's video; on the first ``--timed`` prompts, also R pairs of
 (dense run, accelerated run) one after the other, in one process with one torch thread; the speed-up is the median
@@ -74,6 +75,37 @@ def measure(pipe, prompts: list[str], timed: int, repeats: int, steps: int) -> l
     return [summarise(row) for row in rows.values()] + [{"label": "dense", "following": rates(dense_following)}]
 
 
+def per_call(repeats: int) -> dict:
+    """One self-attention call at the embedded model's shape (6 heads x 32 dims, 7 x 8 x 8 tokens), alternated:
+    dense SDPA, sta's default plan through the kernel op, and the same plan without its permutation."""
+    import dataclasses
+    import math
+
+    import torch.nn.functional as F
+
+    from vdit_sparse import VideoLayout
+    from vdit_sparse.kernels.ops import run_plan
+    from vdit_sparse.methods.sta import build_plan, default_window
+
+    layout = VideoLayout(frames=7, height=8, width=8)
+    q, k, v = (torch.randn(1, 6, layout.num_tokens, 32) for _ in range(3))
+    plan = build_plan(layout, (4, 4, 4), default_window(layout, (4, 4, 4)), 1, 6)
+    calls = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+             "sta": lambda: run_plan(q, k, v, plan, 1 / math.sqrt(32)),
+             "sta, permutation removed": lambda: run_plan(q, k, v, dataclasses.replace(plan, q_perm=None, k_perm=None), 1 / math.sqrt(32))}
+    for call in calls.values():  # first calls: allocations and dispatch caches, untimed
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ratios = {name: sorted(a / b for a, b in zip(times[name], times["dense SDPA"])) for name in calls}
+    return {name: {"ms": statistics.median(times[name]), "ratio_to_dense": statistics.median(r), "spread": [r[0], r[-1]]}
+            for name, r in ratios.items()}
+
+
 def rates(results: list[dict]) -> dict:
     from vdit_sparse.quality.prompt_following import accuracy_of
 
@@ -115,9 +147,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed (dense, accelerated) pairs per timed prompt and setting")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--summary", action="store_true", help="print the table of --out")
+    p.add_argument("--per-call", type=int, metavar="N", help="instead: N alternated single attention calls")
     args = p.parse_args(argv)
     if args.summary:
         print(table(json.loads(args.out.read_text())))
+        return 0
+    if args.per_call:
+        torch.set_num_threads(1)
+        load = os.getloadavg()[0]
+        result = {"per_call": per_call(args.per_call), "calls": args.per_call, "load_before": load, "load_after": os.getloadavg()[0]}
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
         return 0
     from vdit_sparse import shapes_world
     from vdit_sparse.generate import versions
