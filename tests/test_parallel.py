@@ -147,6 +147,14 @@ def test_sparse_with_degree_two_plans_every_head_as_one_device(runs, family, met
 
 
 @needs_gloo
+def test_sta_with_degree_two_is_the_one_device_output(runs):
+    one, two = pair(runs, "wan", "sta")  # each rank plans its own heads: one window, the same for every head
+    assert (one["out"] - runs["wan_one"]["dense"]["out"]).abs().max() > 1e-3
+    assert (one["out"] - two["out"]).abs().max() <= TOLERANCE
+    assert two["density"] == pytest.approx(one["density"], abs=1e-6) and two["density"] < 0.95
+
+
+@needs_gloo
 @pytest.mark.parametrize("family", ["hunyuan", "hunyuan_3_heads"])  # CogVideoX's stock processor has no such attribute
 def test_parallelism_enabled_after_accelerate_stays_on_the_stock_processors_after_remove(runs, family):
     print(f"seed {runs['seed']}")

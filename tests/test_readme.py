@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 SMOKE = ["--steps", "1", "--frames", "5", "--height", "32", "--width", "32"]  # later flags win in argparse
+TUNE_SMOKE = ["--steps", "2", "--frames", "25", "--height", "64", "--width", "64"]  # enough tokens for a density grid
 
 
 def shell_commands() -> list[list[str]]:
@@ -20,7 +21,7 @@ def shell_commands() -> list[list[str]]:
     out = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            out += [shlex.split(part) for part in line.split("&&") if part.strip()]
+            out += [argv for part in line.split("&&") if (argv := shlex.split(part, comments=True))]
     return out
 
 
@@ -79,11 +80,17 @@ def run_smoke(rest: list[str], tmp_path: Path) -> None:
 
     from vdit_sparse.cli import main
 
-    assert main(rest + SMOKE) == 0, rest
+    assert main(rest + (TUNE_SMOKE if rest[0] == "tune" else SMOKE)) == 0, rest
     if rest[0] == "generate":
-        out = tmp_path / rest[rest.index("--out") + 1]
+        from vdit_sparse.flags import default_out
+
+        attention = rest[rest.index("--attention") + 1] if "--attention" in rest else "dense"
+        out = tmp_path / (rest[rest.index("--out") + 1] if "--out" in rest else default_out(rest[1], attention))
         sidecar = json.loads(out.with_suffix(".json").read_text())
         assert out.stat().st_size > 0 and sidecar["weights"]["trained"] is True
+    elif rest[0] == "tune":
+        name = rest[rest.index("--out") + 1]
+        assert (tmp_path / "home" / "tuned" / f"{name}.yaml").is_file()
     elif rest[0] == "compare":
         metrics = json.loads((tmp_path / rest[rest.index("--report") + 1] / "metrics.json").read_text())
         assert metrics["prompts"] and (tmp_path / rest[rest.index("--report") + 1] / "report.html").is_file()

@@ -230,6 +230,9 @@ def test_tune_tileskip_thresholds_meet_the_error_target(tmp_path, tiny_pipe):
     (["--attention", "dense", "--target-error", "0.1", "--out", "x.yaml"], "nothing to tune"),
     (["--attention", "svg", "--knob", "threshold", "--target-error", "0.1", "--out", "x.yaml"], "--cache tileskip"),
     (["--attention", "svg", "--values", "0.2,abc", "--target-error", "0.1", "--out", "x.yaml"], "--values"),
+    (["--attention", "sta", "--values", "[1,0,0],[1,1]", "--target-error", "0.1", "--out", "x.yaml"],
+     r"--values '\[1,0,0\],\[1,1\]': window=\[1, 1\]: must be three integers"),
+    (["--attention", "sta", "--values", "[1,0,0", "--target-error", "0.1", "--out", "x.yaml"], "expected numbers"),
     (["--attention", "svg", "--target-error", "0.1"], "--out"),
     (["--attention", "svg", "--target-error", "0.1", "--out", "EXISTS"], "exists; pass --overwrite"),
 ])

@@ -86,7 +86,7 @@ def wan(results: dict) -> None:
     pipe = vs.load_pipeline("tiny", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     runs = {"dense": {}, "svg": SVG["svg"], "svg2": SVG["svg2"], "dense+tileskip": {"cache": "tileskip"},
-            "svg2+tileskip": {**SVG["svg2"], "cache": "tileskip"}}
+            "svg2+tileskip": {**SVG["svg2"], "cache": "tileskip"}, "sta": {"tile": (1, 2, 2), "window": (0, 1, 0)}}
     runs = {label: {"attention": label.split("+")[0], **kw} for label, kw in runs.items()}
     # enabled before accelerate: our processors copy the stock ones' parallel config
     one_and_two(results, "wan", pipe, lambda: run_tiny(pipe, **WAN), runs, lambda: parallel.enable(pipe))

@@ -12,10 +12,11 @@ from ..registry import METHODS_GROUP, discover
 from ..settings import TILESKIP_FIELDS, Settings
 from .base import AttentionContext, Method
 from .dense import Dense
+from .sta import STA
 from .svg import SVG
 from .svg2 import SVG2
 
-BUILTIN = (Dense, SVG, SVG2)
+BUILTIN = (Dense, SVG, SVG2, STA)
 
 
 def methods() -> dict[str, type[Method]]:

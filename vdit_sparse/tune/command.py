@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, metavar="DB", help="end-to-end PSNR against dense on the calibration prompts")
     p.add_argument("--target-error", type=float, metavar="E", help="mean relative attention error against dense, in (0, 1]")
     p.add_argument("--knob", help="the setting that varies per layer: one of the method's knobs (density for svg, "
-                   "density or top_p for svg2), or threshold with --cache tileskip (default: the first of these)")
-    p.add_argument("--values", metavar="V1,V2,...", help="the knob's candidate values (default: a built-in grid; negative thresholds as --values=-14.4,-6)")
+                   "density or top_p for svg2, window for sta), or threshold with --cache tileskip (default: the first of these)")
+    p.add_argument("--values", metavar="V1,V2,...",
+                   help="the knob's candidate values (default: a built-in grid; negative thresholds as --values=-14.4,-6; "
+                        "sta's windows as --values=[1,0,0],[1,1,1])")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: 2 built-in)")
     p.add_argument("--holdout", metavar="FILE", help="held-out validation prompts, one per line (default: 2 built-in)")
     p.add_argument("--sampled-steps", type=int, default=3, help="steps observed per calibration run (default 3)")
@@ -125,18 +127,31 @@ def _check_knob(args) -> None:
         raise UserError(f"--knob top_p: a fixed --density {args.density} would override it; drop --density")
 
 
-def knob_values(args) -> list[float]:
+def knob_values(args) -> list:
     from ..methods import settings_for
 
     if args.values is None:
         return list(knobs_of(args.attention, args.cache)[args.knob])
     try:
-        values = sorted({float(v) for v in args.values.split(",")})
+        values = _parse_values(args.values)
         for v in values:
             settings_for(args.attention, {args.knob: v}, args.cache)
     except ValueError as e:
         raise UserError(f"--values {args.values!r}: {e if 'must' in str(e) else 'expected numbers V1,V2,...'}") from None
-    return values
+    return sorted(set(values))
+
+
+def _parse_values(text: str) -> list:
+    """``V1,V2,...``: numbers as floats; a list value in Hydra's syntax (``[1,0,0],[1,1,1]``: sta's windows) as a tuple."""
+    import yaml
+
+    try:
+        items = yaml.safe_load(f"[{text}]")
+    except yaml.YAMLError:
+        raise ValueError("not a list") from None
+    number = (int, float)
+    return [tuple(v) if isinstance(v, list) else float(v) if isinstance(v, number) and not isinstance(v, bool) else v
+            for v in items]
 
 
 def out_path(args) -> Path:
