@@ -24,7 +24,8 @@ def _frames(seed: int) -> np.ndarray:
 
 
 class FakeGenerator:
-    """Stands in for the pipeline: sparse runs add noise that grows as density falls."""
+    """Stands in for the pipeline: sparse runs add noise that grows as density falls; attention is 75 % of a
+    dense run's wall time, and the rest does not shrink, so every speed-up is one the work allows."""
 
     def __init__(self, fail_after: int | None = None):
         self.calls = []
@@ -47,7 +48,7 @@ class FakeGenerator:
             frames = np.clip(clean + noise, 0, 1).astype(np.float32)
         stats = [
             {"step": s, "layer": l, "branch": "cond", "model": "transformer", "method": req.attention,
-             "density": 1.0 if s == 0 else density, "ms": 10.0 * (1.0 if s == 0 else density), "extra": object()}
+             "density": 1.0 if s == 0 else density, "ms": 250.0 * (1.0 if s == 0 else density), "extra": object()}
             for s in range(3) for l in range(2)
         ]
         return GenerationResult(
@@ -64,7 +65,8 @@ def dirs(tmp_path):
 
 def _run(argv, dirs, gen):
     report, cache = dirs
-    return compare.main([*argv, "--report", str(report), "--dense-cache", str(cache), "--no-lpips"], generate_fn=gen)
+    argv = [*argv, "--report", str(report), "--dense-cache", str(cache), "--no-lpips"]
+    return compare.main(argv, generate_fn=gen, load=lambda: 0.0)  # an idle machine: timings judged by spread alone
 
 
 def _metrics(dirs):
@@ -74,7 +76,8 @@ def _metrics(dirs):
 def test_one_prompt_writes_the_contract_with_numbers_from_the_same_seed(dirs):
     gen = FakeGenerator()
     assert _run(["a red square", "--attention", "svg2", "--density", "0.2", "--seed", "3"], dirs, gen) == 0
-    dense, fast = gen.calls
+    dense, fast = gen.calls[:2]
+    assert gen.calls == [dense, fast] * 4  # one warm-up of each, then three alternated timed runs
     assert dense.attention == "dense" and dense.settings == {} and fast.attention == "svg2"
     assert dense.seed == fast.seed == 3 and dense.prompt == fast.prompt
     m = _metrics(dirs)
@@ -84,6 +87,8 @@ def test_one_prompt_writes_the_contract_with_numbers_from_the_same_seed(dirs):
     expected = psnr(gen(dense).frames, gen(fast).frames)
     assert entry["psnr"] == pytest.approx(expected, abs=1e-6) and m["mean"]["psnr"] == pytest.approx(expected, abs=1e-6)
     assert entry["speedup"] == pytest.approx(DENSE_WALL / (DENSE_WALL * (0.25 + 0.75 * 0.2)))
+    assert entry["speedup_spread"] == pytest.approx([entry["speedup"]] * 2) and entry["timing_reliable"] is True
+    assert m["mean"]["speedup"] == pytest.approx(entry["speedup"]) and m["mean"]["reliable_entries"] == 1
     assert entry["density"] == pytest.approx(0.2) and entry["lpips"] is None
     assert 0 < entry["ssim"] < 1 and set(entry["vbench"]) == set(entry["vbench_reference"])
     html = (dirs[0] / "report.html").read_text()
@@ -97,11 +102,16 @@ def test_a_second_comparison_reuses_the_cached_dense_video_but_times_dense_again
     cached = {p: p.stat().st_mtime_ns for p in dirs[1].rglob("*") if p.is_file()}
     second.dense_wall = 10 * DENSE_WALL  # the machine got busy: only a fresh dense timing can say so
     _run(["a red square", "--attention", "svg", "--density", "0.3"], (tmp_path / "other", dirs[1]), second)
-    assert [r.attention for r in first.calls] == ["dense", "svg2"]
-    assert [r.attention for r in second.calls] == ["dense", "svg"]  # timed again, just before the svg run
+    assert [r.attention for r in first.calls] == ["dense", "svg2"] * 4
+    assert [r.attention for r in second.calls] == ["dense", "svg"] * 4  # timed again, alternately with svg
     assert {p: p.stat().st_mtime_ns for p in dirs[1].rglob("*") if p.is_file()} == cached  # the video is reused
-    entry = json.loads((tmp_path / "other" / "metrics.json").read_text())["prompts"][0]
+    m = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    entry = m["prompts"][0]
     assert entry["speedup"] == pytest.approx(10 * DENSE_WALL / (DENSE_WALL * (0.25 + 0.75 * 0.3)))
+    # dense's attention took 1 ms of its 20 s: nothing svg skips explains 21x; flagged, and out of the mean
+    assert entry["speedup_bound"] == pytest.approx(1 / (1 - 1e-3 / (10 * DENSE_WALL)))
+    assert entry["timing_reliable"] is False and "more than the 1.00x the computed work allows" in entry["timing_reasons"][0]
+    assert m["mean"]["speedup"] is None and m["mean"]["reliable_entries"] == 0 and m["mean"]["timed_entries"] == 1
     _run(["a red square", "--attention", "svg", "--density", "0.4", "--no-timing"], (tmp_path / "third", dirs[1]), third)
     assert [r.attention for r in third.calls] == ["svg"]
     m = json.loads((tmp_path / "third" / "metrics.json").read_text())
@@ -113,12 +123,12 @@ def test_a_second_comparison_reuses_the_cached_dense_video_but_times_dense_again
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
     argv = ["a red square", "--attention", "svg2", "--sweep", "density=0.1,0.2,0.4"]
     with pytest.raises(KeyboardInterrupt):
-        _run(argv, dirs, FakeGenerator(fail_after=2))  # dense and density 0.1 finish
+        _run(argv, dirs, FakeGenerator(fail_after=10))  # dense and density 0.1 finish (8 runs), 0.2 is timing
     leftovers = [p.name for p in (dirs[0] / "runs").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no half-written run
     resumed = FakeGenerator()
     _run(argv, dirs, resumed)
-    assert [r.settings.get("density") for r in resumed.calls] == [None, 0.2, None, 0.4]  # dense timed before each
+    assert [r.settings.get("density") for r in resumed.calls] == [None, 0.2] * 4 + [None, 0.4] * 4  # alternated
     m = _metrics(dirs)
     assert len(m["prompts"]) == 3 and [s["setting"] for s in m["sweep"]] == [{"density": d} for d in (0.1, 0.2, 0.4)]
     psnrs = [s["mean"]["psnr"] for s in m["sweep"]]
@@ -143,7 +153,7 @@ def test_prompts_file_gives_one_entry_per_prompt_and_their_mean(dirs, tmp_path):
 def test_dense_against_dense_is_identical_in_strict_json(dirs):
     gen = FakeGenerator()
     _run(["a red square", "--attention", "dense"], dirs, gen)
-    assert len(gen.calls) == 2  # the reference and the timed run
+    assert len(gen.calls) == 8  # a warm-up and three timed runs of each side
     def refuse(name):
         raise AssertionError(f"non-standard JSON constant {name}")
     for path in [dirs[0] / "metrics.json", *(dirs[0] / "pairs").iterdir()]:
@@ -194,7 +204,7 @@ def test_a_foreign_non_empty_dir_is_refused(dirs):
 def test_overrides_after_flags_reach_the_accelerated_run_only(dirs):
     gen = FakeGenerator()
     _run(["a red square", "--attention", "svg2", "attention.top_p=0.8", "model.guidance_scale=3"], dirs, gen)
-    dense, fast = gen.calls
+    dense, fast = gen.calls[:2]
     assert fast.overrides == ("attention.top_p=0.8", "model.guidance_scale=3")
     assert dense.overrides == ("model.guidance_scale=3",)  # model settings are shared, attention ones are not
 
@@ -204,7 +214,7 @@ def test_with_prompts_a_key_value_positional_is_an_override(dirs, tmp_path):
     f.write_text("a red square\n")
     gen = FakeGenerator()
     _run(["--prompts", str(f), "attention.num_q_clusters=50", "--attention", "svg2"], dirs, gen)
-    dense, fast = gen.calls
+    dense, fast = gen.calls[:2]
     assert fast.overrides == ("attention.num_q_clusters=50",) and dense.overrides == ()
 
 

@@ -268,6 +268,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     config["device"], config["dtype"] = str(device), str(dtype).removeprefix("torch.")
     config["settings"] = settings.as_dict()  # every setting the run used, defaults included
     config["ulysses_degree"] = parallel.degree()
+    config["threads"] = torch.get_num_threads()  # torch's intra-op threads during the run (--threads)
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,
         attention_ms=summary["attention_ms"], density=summary["density"] if table else 1.0,
@@ -320,6 +321,7 @@ def sidecar(result: GenerationResult) -> dict:
         "seed": result.config["seed"],
         "device": result.config["device"],
         "wall_s": round(result.wall_s, 4),
+        "threads": result.config.get("threads"),
         "compile_s": None if result.compile_s is None else round(result.compile_s, 3),
         "attention_ms": round(result.attention_ms, 3),
         "density": result.density,
@@ -359,6 +361,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer around our attention")
     p.add_argument("--dense-backend", dest="dense_backend",
                    help="diffusers attention backend for the dense calls: native (default), xformers, flash, sage, ...")
+    p.add_argument("--threads", type=int, help="torch's CPU threads for the run (default: torch's; 1 on a busy machine)")
     p.add_argument("--ulysses-degree", dest="ulysses_degree", type=int, default=1,
                    help="GPUs sharing each video (Ulysses); run under torchrun --nproc-per-node N (default 1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
