@@ -31,6 +31,7 @@ class FakeGenerator:
         self.calls = []
         self.fail_after = fail_after
         self.dense_wall = None  # set: dense runs take this long
+        self.walls = {}  # attention -> the wall times its runs take in turn (a machine with slow spells)
 
     def __call__(self, req):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
@@ -51,9 +52,10 @@ class FakeGenerator:
              "density": 1.0 if s == 0 else density, "ms": 250.0 * (1.0 if s == 0 else density), "extra": object()}
             for s in range(3) for l in range(2)
         ]
+        walls = self.walls.get(req.attention)
         return GenerationResult(
             frames=(frames * 255 + 0.5).astype(np.uint8), frames_float=frames,
-            wall_s=DENSE_WALL * (0.25 + 0.75 * density), attention_ms=sum(r["ms"] for r in stats),
+            wall_s=walls.pop(0) if walls else DENSE_WALL * (0.25 + 0.75 * density), attention_ms=sum(r["ms"] for r in stats),
             density=density, stats=stats, config={"seed": req.seed},
         )
 
@@ -117,7 +119,7 @@ def test_a_second_comparison_reuses_the_cached_dense_video_but_times_dense_again
     m = json.loads((tmp_path / "third" / "metrics.json").read_text())
     assert m["prompts"][0]["speedup"] is None and m["mean"]["speedup"] is None  # not measured, never a guess
     html = (tmp_path / "third" / "report.html").read_text()
-    assert "<tr><td>a red square</td><td>—</td>" in html and "not measured" in html
+    assert "<tr><td>a red square</td><td>svg against dense</td><td>—</td>" in html and "not measured" in html
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
@@ -260,3 +262,45 @@ def test_density_warnings_name_sweep_points_that_are_one_setting_and_cpu_speedup
                    dict(cpu)):  # an entry stored before attention/cache were recorded: warned, to be safe
         (line,) = compare.density_warnings([sparse], None)
         assert line.startswith("speed-ups measured on a CPU")
+
+
+def test_a_noisy_timing_is_flagged_left_out_of_the_mean_and_said_in_one_line(dirs, tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red square\na blue circle\n")
+    gen = FakeGenerator()
+    # each prompt: an untimed warm-up, then three timed references; the first prompt's meets a slow spell
+    gen.walls = {"dense": [9.0, 2.0, 10.0, 2.1] + [9.0, 2.0, 2.04, 2.01]}
+    _run(["--prompts", str(f), "--attention", "svg2", "--density", "0.2"], dirs, gen)
+    m = _metrics(dirs)
+    noisy, steady = m["prompts"]
+    acc = DENSE_WALL * (0.25 + 0.75 * 0.2)
+    assert noisy["speedup"] == pytest.approx(2.1 / acc) and noisy["speedup_spread"] == pytest.approx([2.0 / acc, 10.0 / acc])
+    assert noisy["timing_reliable"] is False and noisy["timing_reasons"][0].startswith("reference runs spread by 381 %")
+    assert steady["timing_reliable"] is True and steady["speedup_spread"] == pytest.approx([2.0 / acc, 2.04 / acc])
+    mean = m["mean"]
+    assert mean["speedup"] == pytest.approx(2.01 / acc) and (mean["reliable_entries"], mean["timed_entries"]) == (1, 2)
+    out = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in out if x.startswith("unreliable speed-up")]
+    assert line.startswith(f"unreliable speed-up {2.1 / acc:.4g}x, a red square: reference runs spread by 381 %")
+    assert "from 1 of 2 timing(s) reliable" in out[0]
+    md = (dirs[0] / "report.md").read_text()
+    assert f"| {2.1 / acc:.4g} (unreliable) | {2.0 / acc:.3g}–{10.0 / acc:.3g} |" in md
+    assert "Unreliable speed-up, a red square: reference runs spread by 381 %" in md
+    assert "Mean speed-up over the 1 of 2 timed entries whose timing is reliable." in md
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    json.loads((dirs[0] / "metrics.json").read_text(), parse_constant=refuse)
+
+
+def test_the_title_and_tables_name_attention_and_cache_as_run(dirs):
+    _run(["a red square", "--cache", "fbcache"], dirs, FakeGenerator())
+    md = (dirs[0] / "report.md").read_text()
+    assert md.startswith("# vdit-sparse: dense + fbcache against dense\n")
+    assert "| a red square | dense + fbcache against dense |" in md
+    assert "<title>vdit-sparse: dense + fbcache against dense</title>" in (dirs[0] / "report.html").read_text()
+
+
+def test_repeats_must_be_positive(dirs):
+    with pytest.raises(UserError, match="--repeats 0: must be a positive integer"):
+        _run(["a red square", "--attention", "svg2", "--repeats", "0"], dirs, FakeGenerator())

@@ -375,6 +375,7 @@ def mean_entry(entries: list[dict]) -> dict:
     out = {**mean_speedups(entries), **{key: _mean([e.get(key) for e in entries]) for key in MEAN_SCALARS}}
     out["psnr"], out["psnr_float"] = _mean_psnr(entries, "psnr"), _mean_psnr(entries, "psnr_float")
     out["identical"] = all(e.get("identical") for e in entries) if entries else None
+    out["run_label"] = ", ".join(dict.fromkeys(e["run_label"] for e in entries if e.get("run_label"))) or None
     for key in MEAN_DICTS:
         dicts = [e[key] for e in entries if e.get(key)]
         names = dict.fromkeys(n for d in dicts for n in d if _is_score(d[n]))
