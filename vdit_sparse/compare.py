@@ -48,7 +48,6 @@ MEAN_SCALARS = (
     "psnr", "ssim", "lpips", "density", "psnr_float", "ssim_float",
     "wall_s", "reference_wall_s", "attention_ms", "reference_attention_ms", "computed_share",
 )
-SPEEDUPS = ("speedup", "attention_speedup")  # averaged over the entries whose timing is reliable only
 MEAN_DICTS = ("vbench", "vbench_reference", "prompt_following", "prompt_following_reference")
 
 
@@ -319,7 +318,7 @@ def timing_fields(pair: Pair, acc: GenerationResult, timed: dict, share: float |
 
     ``timed`` is what the run store kept beside ``acc``: alternated timings, a single reference timing (a run
     stored by an older version: one run per side), or nothing (--no-timing: not measured)."""
-    from .timing import Series, Timings, impossible, speedup_bound
+    from .timing import Series, Timings, speedup_bound, verdict
 
     if timed.get("wall_s") is None:
         return {"speedup": None, "speedup_spread": None, "timing_reliable": None, "timing_reasons": [],
@@ -332,10 +331,8 @@ def timing_fields(pair: Pair, acc: GenerationResult, timed: dict, share: float |
     wall, attention = timed.get("accelerated_wall_s", acc.wall_s), timed.get("accelerated_attention_ms", acc.attention_ms)
     cheaper = pair.accelerated.attention != "dense" or "tileskip" in pair.accelerated.cache
     bound = speedup_bound(share, _ratio(timed.get("attention_ms"), 1e3 * t.baseline.median), cheaper)
-    reasons = t.reasons() + [r for r in [impossible(t.speedup, bound)] if r]
     return {
-        "speedup": t.speedup, "speedup_spread": t.speedup_spread, "timing_reliable": not reasons,
-        "timing_reasons": reasons, "speedup_bound": bound,
+        **verdict(t, bound), "speedup_bound": bound,
         "attention_speedup": _ratio(timed.get("attention_ms"), attention),
         "wall_s": wall, "reference_wall_s": t.baseline.median, "attention_ms": attention,
         "reference_attention_ms": timed.get("attention_ms"), "repeats": len(t.candidate.seconds),
@@ -372,6 +369,8 @@ def mean_entry(entries: list[dict]) -> dict:
     there, ignoring None; a bool averages to the share of True; strings and integer
     labels (a detected colour, a detected count) are not averaged.
     """
+    from .timing import mean_speedups
+
     out = {**mean_speedups(entries), **{key: _mean([e.get(key) for e in entries]) for key in MEAN_SCALARS}}
     out["psnr"], out["psnr_float"] = _mean_psnr(entries, "psnr"), _mean_psnr(entries, "psnr_float")
     out["identical"] = all(e.get("identical") for e in entries) if entries else None
@@ -383,18 +382,6 @@ def mean_entry(entries: list[dict]) -> dict:
             out[key] = {n: _mean([float(d[n]) for d in dicts if _is_score(d.get(n))]) for n in names}
     reasons = sorted({e["lpips_unavailable"] for e in entries if e.get("lpips_unavailable")})
     out["lpips_unavailable"] = "; ".join(reasons) or None
-    return out
-
-
-def mean_speedups(entries: list[dict]) -> dict:
-    """The speed-ups averaged over the entries with reliable timing only, and how many of the timed ones that was."""
-    reliable = [e for e in entries if e.get("timing_reliable")]
-    out = {key: _mean([e.get(key) for e in reliable]) if reliable else None for key in SPEEDUPS}
-    spreads = [e.get("speedup_spread") for e in reliable]
-    out["speedup_spread"] = [float(np.mean([s[i] for s in spreads])) for i in (0, 1)] if reliable and all(spreads) else None
-    out["timing_reliable"] = bool(reliable)
-    out["timed_entries"] = sum(e.get("speedup") is not None for e in entries)
-    out["reliable_entries"] = len(reliable)
     return out
 
 
@@ -450,7 +437,7 @@ def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn, tim
 def time_pair(p: Pair, fill: bool, cache: RunStore, runs: RunStore, made, repeats: int, warmup: bool, load=None) -> None:
     """Alternate p's reference and accelerated runs (vdit_sparse/timing.py) and store the accelerated run with the
     timings of both sides; ``fill``: the reference is not cached yet, so its first run is stored there."""
-    from .timing import alternate, load_average, paired
+    from .timing import alternate, paired
 
     def reference():
         result = made("reference", p.reference)
@@ -460,7 +447,7 @@ def time_pair(p: Pair, fill: bool, cache: RunStore, runs: RunStore, made, repeat
 
     series, results, loads = alternate(
         {"reference": reference, "accelerated": lambda: made("accelerated", p.accelerated)}, repeats, warmup=warmup,
-        seconds=lambda r: r.wall_s, load=load or load_average,  # the pipeline call alone, not the set-up around it
+        seconds=lambda r: r.wall_s, load=load,  # the pipeline call alone, not the set-up around it
     )
     attention = {k: float(np.median([r.attention_ms for r in v])) for k, v in results.items()}
     timed = {"wall_s": series["reference"].median, "attention_ms": attention["reference"],

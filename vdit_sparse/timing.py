@@ -91,15 +91,17 @@ def load_average() -> float | None:
 
 
 def alternate(runs: dict, repeats: int, warmup: bool = True, clock=time.perf_counter, seconds=None,
-              load=load_average) -> tuple[dict[str, Series], dict[str, list], tuple[float, ...]]:
+              load=None) -> tuple[dict[str, Series], dict[str, list], tuple[float, ...]]:
     """Run each of ``runs`` (name -> fn()) once untimed, then all of them in turn ``repeats`` times.
 
     Returns (name -> Series, name -> what each timed run returned, load averages sampled before the first
     and after every timed run). A run's duration is ``seconds(result)`` when given (a run that times its own
-    core, e.g. the pipeline call), else the ``clock`` difference around the call.
+    core, e.g. the pipeline call), else the ``clock`` difference around the call; ``load()`` gives the load
+    average (default: the platform's).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats!r}: must be a positive integer")
+    load = load or load_average
     if warmup:  # one-off costs (allocations, caches, compilation) on neither side
         for fn in runs.values():
             fn()
@@ -121,6 +123,31 @@ def alternate(runs: dict, repeats: int, warmup: bool = True, clock=time.perf_cou
 def paired(series: dict[str, Series], baseline: str, candidate: str, loads: tuple = ()) -> Timings:
     """The Timings of ``candidate`` against ``baseline`` from one :func:`alternate` call."""
     return Timings(series[baseline], series[candidate], tuple(loads), os.cpu_count())
+
+
+def verdict(t: Timings, bound: float | None = None) -> dict:
+    """The timing fields of every timed entry: speedup, speedup_spread, timing_reliable and timing_reasons
+    (``bound``: the work bound of :func:`speedup_bound`, None when there is none)."""
+    reasons = t.reasons() + [r for r in [impossible(t.speedup, bound)] if r]
+    return {"speedup": t.speedup, "speedup_spread": t.speedup_spread, "timing_reliable": not reasons,
+            "timing_reasons": reasons}
+
+
+def mean_speedups(entries: list[dict], keys=("speedup", "attention_speedup")) -> dict:
+    """``keys`` averaged over the entries whose timing is reliable only (None when there is none, or when one of
+    them lacks the key), their mean spread, and how many of the timed entries were reliable."""
+    reliable = [e for e in entries if e.get("timing_reliable")]
+    out = {}
+    for key in keys:
+        values = [e.get(key) for e in reliable]
+        out[key] = float(statistics.fmean(values)) if values and None not in values else None
+    spreads = [e.get("speedup_spread") for e in reliable]
+    out["speedup_spread"] = ([statistics.fmean(s[i] for s in spreads) for i in (0, 1)]
+                             if spreads and None not in spreads else None)
+    out["timing_reliable"] = bool(reliable)
+    out["timed_entries"] = sum(e.get("speedup") is not None for e in entries)
+    out["reliable_entries"] = len(reliable)
+    return out
 
 
 # --- what the work allows --------------------------------------------------------------------------------
