@@ -26,7 +26,6 @@ import functools
 import contextlib
 import itertools
 import json
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -519,7 +518,7 @@ def main(argv: list[str], generate_fn=None, load=None) -> int:
 
 def _compare(args, pairs: list[Pair], report: Path, generate_fn, load=None) -> int:
     from .quality.report import ReportEntry, write_report
-    from .timing import load_average
+    from .timing import cores, load_average
 
     load = load or load_average
     cache = parallel.main_store(RunStore(args.dense_cache or default_cache_dir()))
@@ -531,7 +530,7 @@ def _compare(args, pairs: list[Pair], report: Path, generate_fn, load=None) -> i
         return 0
     entries = measure_all(pairs, report, cache, runs, lpips=not args.no_lpips)
     metrics = summarize(pairs, entries, swept=bool(args.sweep))
-    metrics["machine"] = {"load_before": load_before, "load_after": load(), "cpus": os.cpu_count(),
+    metrics["machine"] = {"load_before": load_before, "load_after": load(), "cpus": cores(),
                           "threads": args.threads, "repeats": args.repeats,
                           "device": entries[0].get("device") if entries else None}
     metrics["warnings"] = density_warnings(entries, metrics.get("sweep"))

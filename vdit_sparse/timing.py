@@ -120,9 +120,17 @@ def alternate(runs: dict, repeats: int, warmup: bool = True, clock=time.perf_cou
             tuple(x for x in loads if x is not None))
 
 
+def cores() -> int | None:
+    """The cores this process may run on (its affinity, where the platform tells), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
 def paired(series: dict[str, Series], baseline: str, candidate: str, loads: tuple = ()) -> Timings:
     """The Timings of ``candidate`` against ``baseline`` from one :func:`alternate` call."""
-    return Timings(series[baseline], series[candidate], tuple(loads), os.cpu_count())
+    return Timings(series[baseline], series[candidate], tuple(loads), cores())
 
 
 def verdict(t: Timings, bound: float | None = None) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -90,7 +89,7 @@ def timed(model, inputs: dict, repeats: int, device):
 
 def run(args) -> list[dict]:
     import vdit_sparse as vs
-    from ..timing import Series, Timings, verdict
+    from ..timing import Series, Timings, cores, verdict
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -126,7 +125,7 @@ def run(args) -> list[dict]:
     base = next(r for r in rows if r["compiled"] and r["method"] == "dense")
     for r in rows:  # the ratio of medians, its spread from the extreme forwards, and whether to trust it
         t = Timings(Series(tuple(base["runs_s"])), Series(tuple(r["runs_s"])), tuple(base["loads"] + r["loads"]),
-                    os.cpu_count())
+                    cores())
         judged = verdict(t)
         r["speedup_vs_dense_compiled"] = judged.pop("speedup")
         r.update(judged)
