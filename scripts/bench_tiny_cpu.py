@@ -3,12 +3,15 @@
     python scripts/bench_tiny_cpu.py --out bench-cpu            # all experiments (about 25 minutes on 2 cores)
     python scripts/bench_tiny_cpu.py --out bench-cpu --only caches --prompts 4
     python scripts/bench_tiny_cpu.py --out bench-cpu --summary  # print the tables of what is there
-    python scripts/bench_tiny_cpu.py --out bench-long --model tiny-long --only defaults --prompts 3
+    python scripts/bench_tiny_cpu.py --out bench-long --model tiny-long --only defaults --prompts 3 --threads 1
+
+    python scripts/bench_tiny_cpu.py --out bench-cpu --only caches --repeats 5 --threads 1
 
 Each experiment is one ``vdit-sparse compare`` (or ``tune``) command on held-out prompts of the shapes
-world; its report folder lands under ``--out``. Speed-ups come from compare itself: the dense reference is
-timed just before each accelerated run, in the same process. Run it on an otherwise idle machine and note
-the load printed at the start and end.
+world; its report folder lands under ``--out``. Speed-ups come from compare itself: the dense reference and
+the accelerated run timed alternately, ``--repeats`` times each after a warm-up, in the same process; the
+summary carries each speed-up's range and how many of its timings were reliable (compare's metrics.json).
+Run it on an otherwise idle machine and note the load printed at the start and end.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ STEP_CACHES = ("fbcache", "magcache", "taylorseer", "pab", "seacache")
 THRESHOLD_SWEEPS = {"magcache": "0.02,0.03,0.04", "fbcache": "0.1,0.2,0.3", "seacache": "0.4,0.6"}
 
 
-def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[list[str]]]:
-    """name -> the commands (argv after ``vdit-sparse``) of one experiment; ``magcache``: ratios measured at ``steps``."""
-    common = ["--prompts", str(prompts), "--no-lpips", "--steps", str(steps)]
+def experiments(prompts: Path, magcache: Path, steps: int, timing: tuple = ()) -> dict[str, list[list[str]]]:
+    """name -> the commands (argv after ``vdit-sparse``) of one experiment; ``magcache``: ratios measured at ``steps``;
+    ``timing``: flags for every compare (--repeats N, --threads N)."""
+    common = ["--prompts", str(prompts), "--no-lpips", "--steps", str(steps), *timing]
     sweep_caches = ",".join(STEP_CACHES)
     return {
         "defaults": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2", "--report", "{out}/defaults"],
@@ -38,7 +42,7 @@ def experiments(prompts: Path, magcache: Path, steps: int) -> dict[str, list[lis
                     ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--sweep", "threshold=-3,-2,-1.5,-1",
                      "--sweep", "block_size=16", "--report", "{out}/tileskip-sweep"]],
         "tune": [["tune", "--attention", "svg", "--target-psnr", str(t), "--holdout", str(prompts), "--steps", str(steps),
-                  "--overwrite", "--out", f"{{out}}/tuned/svg-{t}.yaml"] for t in (22, 24, 26)]
+                  *timing, "--overwrite", "--out", f"{{out}}/tuned/svg-{t}.yaml"] for t in (22, 24, 26)]
                 + [["tune", "--attention", "svg2", "--knob", "density", "--target-psnr", "26", "--holdout", str(prompts),
                     "--steps", str(steps), "--overwrite", "--out", "{out}/tuned/svg2-26.yaml"]]
                 # each layer's error weighed by the video error it causes
@@ -78,14 +82,15 @@ def summary(out: Path) -> str:
     for metrics_path in sorted(out.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())
         machine = m.get("machine", {})
-        lines += [f"### {metrics_path.parent.name} (load {machine.get('load_before')} -> {machine.get('load_after')})", "",
+        timing = f", {machine['threads']} thread(s), --repeats {machine['repeats']}" if machine.get("repeats") else ""
+        lines += [f"### {metrics_path.parent.name} (load {machine.get('load_before')} -> {machine.get('load_after')}{timing})", "",
                   "| setting | speed-up | PSNR dB | SSIM | density | computed | colour / motion / count (acc.) | (dense) |",
                   "|---|---|---|---|---|---|---|---|"]
         rows = m.get("sweep") or [{"label": "(one setting)", "mean": m["mean"]}]
         for row in rows:
             e = row["mean"]
             pf, ref = e.get("prompt_following") or {}, e.get("prompt_following_reference") or {}
-            cells = [row["label"], _f(e.get("speedup"), "x"), "identical" if e.get("identical") else _f(e.get("psnr")),
+            cells = [row["label"], _speed(e), "identical" if e.get("identical") else _f(e.get("psnr")),
                      _f(e.get("ssim")), _f(e.get("density")), _f(e.get("computed_share")),
                      " / ".join(_f(pf.get(k)) for k in ("colour_ok", "motion_ok", "count_ok")),
                      " / ".join(_f(ref.get(k)) for k in ("colour_ok", "motion_ok", "count_ok"))]
@@ -109,6 +114,16 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _speed(mean: dict) -> str:
+    """The mean speed-up with its range and how many timings it averages (reports with alternated timings)."""
+    text = _f(mean.get("speedup"), "x")
+    if mean.get("speedup_spread"):
+        text += " ({:.3g}-{:.3g})".format(*mean["speedup_spread"])
+    if mean.get("timed_entries"):
+        text += f", {mean['reliable_entries']} of {mean['timed_entries']} reliable"
+    return text
+
+
 def _setting(c) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else str(c)
 
@@ -124,8 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=6, help="held-out prompts per experiment")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 20], help="step counts of the cache experiments")
     p.add_argument("--summary", action="store_true", help="only print the tables of what --out holds")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side of every compare (alternated)")
+    p.add_argument("--threads", type=int, help="torch's threads for every run (default: torch's; 1 on a busy machine)")
     p.add_argument("--model", default="tiny", help="the embedded model: tiny (448 tokens) or tiny-long (1,600)")
-    p.add_argument("--flags", default="", help="more flags for every command, e.g. '--threads 1 --repeats 3'")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(args.out))
@@ -140,18 +156,19 @@ def main(argv=None) -> int:
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
     todo = args.only or ["defaults", "density", "tune", "caches"]
     timings = {}
+    timing = ("--repeats", str(args.repeats), *(("--threads", str(args.threads)) if args.threads else ()))
     for steps in args.steps if "caches" in todo else args.steps[:1]:
         # MagCache's ratios, measured on tune's own calibration prompts (training captions), not the held-out ones
         magcache = args.out / f"magcache-{steps}.yaml"
         if "caches" in todo and not magcache.exists():
-            run(["tune", "--cache", "magcache", "--steps", str(steps), "--out", str(magcache),
-                 "--holdout", str(prompts), "--model", args.model], log)
-        for name, commands in experiments(prompts, magcache, steps).items():
+            run(["tune", "--cache", "magcache", "--steps", str(steps), "--out", str(magcache), "--holdout", str(prompts),
+                 "--model", args.model, *timing], log)
+        for name, commands in experiments(prompts, magcache, steps, timing).items():
             if name not in todo or (name != "caches" and steps != args.steps[0]):
                 continue
             for argv in commands:
                 key = f"{name}-{steps}"
-                argv = [a.replace("{out}", str(args.out)) for a in argv] + ["--model", args.model, *args.flags.split()]
+                argv = [a.replace("{out}", str(args.out)) for a in argv] + ["--model", args.model]
                 timings[key] = timings.get(key, 0.0) + run(argv, log)
     print(f"load after: {os.getloadavg()[0]:.2f}; wall per experiment: {json.dumps({k: round(v) for k, v in timings.items()})}")
     print(summary(args.out))

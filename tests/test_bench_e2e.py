@@ -15,13 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_rows_are_ratios_against_dense_compiled_from_the_same_run(tmp_path):
     out = tmp_path / "rows.json"
-    argv = ["bench", "--e2e", "--shape", "tiny-hunyuan", "--device", "cpu", "--smoke", "--repeats", "1",
+    argv = ["bench", "--e2e", "--shape", "tiny-hunyuan", "--device", "cpu", "--smoke", "--repeats", "2",
             "--methods", "svg2", "--densities", "0.5", "--json", str(out)]
     assert cli(argv) == 0
     rows = json.loads(out.read_text())
     assert {(r["compiled"], r["method"]) for r in rows} == {(c, m) for c in (False, True) for m in ("dense", "svg2")}
     base = next(r for r in rows if r["compiled"] and r["method"] == "dense")
     assert base["speedup_vs_dense_compiled"] == 1.0
+    for r in rows:  # the timer's: the ratio of medians, the spread from the extreme forwards of each side
+        assert len(r["runs_s"]) == 2 and r["ms"] == pytest.approx(1e3 * sum(r["runs_s"]) / 2)
+        assert r["speedup_vs_dense_compiled"] == pytest.approx(sum(base["runs_s"]) / sum(r["runs_s"]))
+        assert r["speedup_spread"] == pytest.approx([min(base["runs_s"]) / max(r["runs_s"]), max(base["runs_s"]) / min(r["runs_s"])])
+        assert isinstance(r["timing_reliable"], bool) and r["timing_reliable"] == (not r["timing_reasons"])
     sparse = [r for r in rows if r["method"] == "svg2"]
     assert all(0.3 < r["density"] < 0.7 for r in sparse)  # fixed budget 0.5, text rows dense
     assert all(0 < r["attention_share"] <= 1.0 for r in rows)

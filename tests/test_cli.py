@@ -15,7 +15,7 @@ def cli(*args, cwd=None):
 
 def test_generate_writes_a_playable_mp4_and_sidecar(tmp_path):
     out = tmp_path / "clip.mp4"
-    r = cli("generate", "a red circle", *SMALL, "--out", str(out), "seed=3")
+    r = cli("generate", "a red circle", *SMALL, "--out", str(out), "seed=3", "--threads", "1")
     assert r.returncode == 0, r.stderr
     frames = _read_ffmpeg(out)
     assert frames.shape[0] == 9 and frames.shape[1:3] == (64, 64)
@@ -25,6 +25,7 @@ def test_generate_writes_a_playable_mp4_and_sidecar(tmp_path):
     assert side["device"] == "cpu" and side["versions"]["diffusers"]
     assert side["density"] == 1.0 and set(side["density_per_layer"]) == {f"transformer.{i}" for i in range(6)}
     assert side["wall_s"] > 0 and side["attention_ms"] > 0
+    assert side["threads"] == side["config"]["threads"] == 1  # --threads: torch's thread count for the run
 
 
 def _read_ffmpeg(path):

@@ -325,3 +325,35 @@ def test_tune_with_layer_sensitivity_records_the_weights(tmp_path, tiny_pipe, ca
     with pytest.raises(UserError, match="--layer-sensitivity: not with --cache tileskip"):
         tune.main(["--attention", "dense", "--cache", "tileskip", "--target-error", "0.5", "--out", str(tmp_path / "x"),
                    "--layer-sensitivity"], pipe=tiny_pipe)
+
+
+def test_magcache_validation_times_alternately_and_flags_a_speedup_the_skipped_blocks_cannot_explain(monkeypatch):
+    """The issue's case: MagCache ran 90 % of the layers and reported 6x; dense attention on both sides bounds it."""
+    from types import SimpleNamespace
+
+    from pathlib import Path
+
+    import numpy as np
+
+    from vdit_sparse import generate as gen_module, timing
+    from vdit_sparse.generate import GenerateRequest
+    from vdit_sparse.tune import magcache
+
+    walls = {"none": iter([9.0, 3.0, 3.05, 2.98]), "magcache": iter([9.0, 0.5, 0.51, 0.5])}  # warm-up first
+    order = []
+
+    def fake_run(req, pipe=None, progress=True):
+        order.append(req.cache)
+        frames = np.full((2, 8, 8, 3), 100 if req.cache == "none" else 101, np.uint8)
+        computed = [{"step": 0, "computed": 0.9}] if req.cache == "magcache" else []
+        return SimpleNamespace(frames=frames, wall_s=next(walls[req.cache]), computed=computed)
+
+    monkeypatch.setattr(gen_module, "run_generation", fake_run)
+    monkeypatch.setattr(timing, "load_average", lambda: 0.0)  # an idle machine
+    result = magcache.validate(None, [GenerateRequest(prompt="a red square")], Path("mag.yaml"), repeats=3)
+    assert order == ["none", "magcache"] * 4
+    (row,) = result["prompts"]
+    assert row["speedup"] == pytest.approx(6.0) and row["speedup_spread"] == pytest.approx([2.98 / 0.51, 3.05 / 0.5])
+    assert row["timing_reliable"] is False
+    assert row["timing_reasons"] == ["6.00x is more than the 1.11x the computed work allows"]
+    assert result["mean_speedup"] is None  # the only timing is not to be trusted

@@ -15,9 +15,11 @@ def _generate(args) -> int:
     from .flags import default_out, request_from_args
     from .generate import run_generation, sidecar
     from .atomicfile import atomic_write_json
+    from .timing import set_threads
     from .video import check_output, sidecar_path, write_video
 
     req = request_from_args(args, args.prompt)
+    set_threads(args.threads)
     out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
     check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
     parallel.start(args.ulysses_degree, "generate")

@@ -10,11 +10,12 @@ shared between comparisons (keyed by the request, the model's files and the pack
 accelerated runs under ``DIR/runs``. So a second comparison against the same dense videos does
 not regenerate them, and an interrupted comparison resumes where it stopped.
 
-Speed-ups are honest: a cached dense *video* may be reused, its *timing* never is. Before each
-accelerated run that this process makes, the reference is run again (or for the first time) and
-timed, so every speed-up is the ratio of two timings taken one after the other in the same process.
-An accelerated run stored by an earlier process keeps the reference timing taken beside it then;
-with ``--no-timing`` (no fresh reference runs) the speed-up is null: not measured.
+Speed-ups are honest: a cached dense *video* may be reused, its *timing* never is. Each accelerated run that
+this process makes is timed against its reference alternately (vdit_sparse/timing.py): one untimed warm-up of
+each, then reference and accelerated in turn ``--repeats`` times; the speed-up is the ratio of the medians and
+``speedup_spread`` the ratio of the extremes. An entry whose runs spread by more than 10 %, whose machine was
+overloaded, or whose ratio is more than the computed work allows is marked ``timing_reliable: false`` with the
+reason, and the mean speed-up leaves it out. With ``--no-timing`` the speed-up is null: not measured.
 One comparison writes a report directory at a time: a second one is refused (a lock file).
 """
 
@@ -25,7 +26,6 @@ import functools
 import contextlib
 import itertools
 import json
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +42,7 @@ HELP = "compare accelerated videos with dense ones from the same seeds; write me
 SWEEP_FIELDS = ("attention", "cache")  # request fields a sweep may vary; all other keys are setting names
 OWN_ENTRIES = ("comparison.json", "metrics.json", "report.md", "report.html", "runs", "pairs")  # .lock stays
 MEAN_SCALARS = (
-    "speedup", "psnr", "ssim", "lpips", "density", "attention_speedup", "psnr_float", "ssim_float",
+    "psnr", "ssim", "lpips", "density", "psnr_float", "ssim_float",
     "wall_s", "reference_wall_s", "attention_ms", "reference_attention_ms", "computed_share",
 )
 MEAN_DICTS = ("vbench", "vbench_reference", "prompt_following", "prompt_following_reference")
@@ -82,15 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a report DIR that holds a different comparison")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as null)")
     p.add_argument("--fps", type=float, help="frame rate of the side-by-side video (default: the model's)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step run before each setting's first run")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each side, reference and accelerated alternated (default 3); the speed-up is the "
+                        "ratio of their medians")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each side before its timed runs")
     p.add_argument("--no-timing", action="store_true",
-                   help="reuse cached reference videos without timing them again: faster, but the speed-up is not measured (null)")
+                   help="make each run once, untimed, and reuse cached reference videos: faster, but the speed-up is not "
+                        "measured (null)")
     add_generation_args(p)
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    return parse_generation_args(build_parser(), argv)
+    args = parse_generation_args(build_parser(), argv)
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats}: must be a positive integer (3 or more gives a spread to judge)")
+    return args
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -202,18 +209,13 @@ def plan_pairs(args: argparse.Namespace) -> list[Pair]:
     return pairs
 
 
-def pipeline_generate_fn(warmup: bool = True):
-    """``generate(req) -> GenerationResult`` that loads each pipeline once and reuses it.
-
-    With ``warmup``, the first run of each attention setting is preceded by an untimed
-    one-step run at the same size, so one-off costs (CUDA init, kernel compilation and
-    autotuning) fall on neither side of the speedup.
-    """
+def pipeline_generate_fn():
+    """``generate(req) -> GenerationResult`` that loads each pipeline once and reuses it (the untimed warm-up
+    runs of the timer take the one-off costs: CUDA init, kernel compilation and autotuning)."""
     from .generate import resolve, run_generation
     from .loading import load_pipeline, resolve_device, resolve_dtype
 
     pipes: dict = {}
-    warmed: set = set()
 
     def generate(req: GenerateRequest):
         cfg = resolve(req)
@@ -222,10 +224,6 @@ def pipeline_generate_fn(warmup: bool = True):
         where = (cfg.model.name, str(device), str(dtype))
         if where not in pipes:
             pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype, random_weights=req.random_weights)
-        setting = replace(req, prompt="", seed=0, steps=1).key()
-        if warmup and setting not in warmed:
-            run_generation(replace(req, steps=1), pipe=pipes[where], progress=False, warmup=True)
-            warmed.add(setting)
         return run_generation(req, pipe=pipes[where], cfg=cfg)
 
     return generate
@@ -283,6 +281,11 @@ def _ratio(num, den):
     return float(num) / float(den) if num is not None and den else None
 
 
+def _run_label(req: GenerateRequest) -> str:
+    """Attention and cache as run: "svg2", "dense + magcache"."""
+    return req.attention if req.cache in ("none", None) else f"{req.attention} + {req.cache}"
+
+
 def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: bool) -> dict:
     """One metrics.json entry: the contract's headline keys first, then everything else."""
     from .quality import compare_videos
@@ -291,21 +294,48 @@ def measure(pair: Pair, ref: GenerationResult, acc: GenerationResult, lpips: boo
     q = compare_videos(
         ref.frames, acc.frames, a_float=ref.frames_float, b_float=acc.frames_float, prompt=pair.prompt, lpips=lpips
     )
-    timed = getattr(acc, "timing_reference", None) or {}  # the reference, timed just before acc in the same process
+    timed = getattr(acc, "timing_reference", None) or {}  # the reference, timed alternately with acc in this process
+    share = computed_share(getattr(acc, "computed", None) or [])
+    timing = timing_fields(pair, acc, timed, share)
     entry = {
         "prompt": pair.prompt, "label": pair.label, "setting": dict(pair.setting), "seed": pair.accelerated.seed,
         "attention": pair.accelerated.attention, "cache": pair.accelerated.cache,
-        "speedup": _ratio(timed.get("wall_s"), acc.wall_s), "psnr": q.pop("psnr"), "ssim": q.pop("ssim"),
-        "lpips": q.pop("lpips"), "density": acc.density, "identical": q.pop("identical"),
-        "attention_speedup": _ratio(timed.get("attention_ms"), acc.attention_ms),
-        "wall_s": acc.wall_s, "reference_wall_s": timed.get("wall_s"), "device": (acc.config or {}).get("device"),
-        "attention_ms": acc.attention_ms, "reference_attention_ms": timed.get("attention_ms"),
-        "requested_density": _requested_density(pair.accelerated, acc),
-        "computed_share": computed_share(getattr(acc, "computed", None) or []),
+        "run_label": f"{_run_label(pair.accelerated)} against {_run_label(pair.reference)}",
+        "speedup": timing.pop("speedup"), "psnr": q.pop("psnr"), "ssim": q.pop("ssim"),
+        "lpips": q.pop("lpips"), "density": acc.density, "identical": q.pop("identical"), **timing,
+        "device": (acc.config or {}).get("device"), "threads": (acc.config or {}).get("threads"),
+        "requested_density": _requested_density(pair.accelerated, acc), "computed_share": share,
     }
     entry.update(q)
     entry.update({"run": pair.acc_key, "reference_run": pair.ref_key})
     return entry
+
+
+def timing_fields(pair: Pair, acc: GenerationResult, timed: dict, share: float | None) -> dict:
+    """speedup (ratio of medians), speedup_spread, timing_reliable and its reasons, the work bound, the timings.
+
+    ``timed`` is what the run store kept beside ``acc``: alternated timings, a single reference timing (a run
+    stored by an older version: one run per side), or nothing (--no-timing: not measured)."""
+    from .timing import Series, Timings, speedup_bound, verdict
+
+    if timed.get("wall_s") is None:
+        return {"speedup": None, "speedup_spread": None, "timing_reliable": None, "timing_reasons": [],
+                "speedup_bound": None, "attention_speedup": None, "wall_s": acc.wall_s, "reference_wall_s": None,
+                "attention_ms": acc.attention_ms, "reference_attention_ms": None, "repeats": 0, "load_max": None}
+    if "timings" in timed:
+        t = Timings.from_json(timed["timings"])
+    else:
+        t = Timings(Series((timed["wall_s"],)), Series((acc.wall_s,)))
+    wall, attention = timed.get("accelerated_wall_s", acc.wall_s), timed.get("accelerated_attention_ms", acc.attention_ms)
+    cheaper = pair.accelerated.attention != "dense" or "tileskip" in pair.accelerated.cache
+    bound = speedup_bound(share, _ratio(timed.get("attention_ms"), 1e3 * t.baseline.median), cheaper)
+    return {
+        **verdict(t, bound), "speedup_bound": bound,
+        "attention_speedup": _ratio(timed.get("attention_ms"), attention),
+        "wall_s": wall, "reference_wall_s": t.baseline.median, "attention_ms": attention,
+        "reference_attention_ms": timed.get("attention_ms"), "repeats": len(t.candidate.seconds),
+        "load_max": max(t.loads, default=None), "timings": t.to_json(),
+    }
 
 
 def _requested_density(req: GenerateRequest, acc: GenerationResult):
@@ -337,9 +367,12 @@ def mean_entry(entries: list[dict]) -> dict:
     there, ignoring None; a bool averages to the share of True; strings and integer
     labels (a detected colour, a detected count) are not averaged.
     """
-    out = {key: _mean([e.get(key) for e in entries]) for key in MEAN_SCALARS}
+    from .timing import mean_speedups
+
+    out = {**mean_speedups(entries), **{key: _mean([e.get(key) for e in entries]) for key in MEAN_SCALARS}}
     out["psnr"], out["psnr_float"] = _mean_psnr(entries, "psnr"), _mean_psnr(entries, "psnr_float")
     out["identical"] = all(e.get("identical") for e in entries) if entries else None
+    out["run_label"] = ", ".join(dict.fromkeys(e["run_label"] for e in entries if e.get("run_label"))) or None
     for key in MEAN_DICTS:
         dicts = [e[key] for e in entries if e.get(key)]
         names = dict.fromkeys(n for d in dicts for n in d if _is_score(d[n]))
@@ -373,45 +406,67 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", disable=total == 0)
 
 
-def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn, timing: bool = True) -> None:
+def run_all(pairs: list[Pair], cache: RunStore, runs: RunStore, generate_fn, timing: bool = True, repeats: int = 3,
+            warmup: bool = True, load=None) -> None:
     """Make every run not stored yet, storing each as it finishes.
 
-    Before each accelerated run made here, its reference runs in this process (for the first time, to fill
-    the cache, or again with ``timing``), so the two timings of a speed-up are taken one after the other.
+    With ``timing``, each accelerated run made here is timed against its reference by :func:`time_pair`; a reference
+    not cached yet is stored from its first (warm-up) run. Without, each missing run is made once, untimed.
     """
-    schedule = plan_runs(pairs, cache, runs, timing)
-    with _progress(len(schedule), "runs") as bar:
-        previous = None  # (kind, pair, result) of the run just made
-        for kind, p in schedule:
-            request = p.accelerated if kind == "accelerated" else p.reference
-            bar.set_postfix_str(f"{request.attention}{' (timing)' if kind == 'timing' else ''} {p.prompt[:30]}")
-            result = generate_fn(request)
-            if kind == "reference":
-                cache.save(p.ref_key, p.reference, result)
-            elif kind == "accelerated":
-                ref = previous[2] if previous and previous[0] != "accelerated" and previous[1] is p else None
-                timed = None if ref is None else {"wall_s": ref.wall_s, "attention_ms": ref.attention_ms}
-                runs.save(p.acc_key, p.accelerated, result, timing_reference=timed)
-            previous = (kind, p, result)
-            bar.update()
+    todo = plan_runs(pairs, cache, runs)
+    sizes = [(2 * (repeats + warmup) if timing else 1 + fill) if acc else 1 for p, fill, acc in todo]
+    with _progress(sum(sizes), "runs") as bar:
+        for p, fill, acc in todo:
+            def made(kind: str, request: GenerateRequest):
+                bar.set_postfix_str(f"{kind} {_run_label(request)} {p.prompt[:30]}")
+                result = generate_fn(request)
+                bar.update()
+                return result
+
+            if acc and timing:
+                time_pair(p, fill, cache, runs, made, repeats, warmup, load)
+                continue
+            if fill:
+                cache.save(p.ref_key, p.reference, made("reference", p.reference))
+            if acc:
+                runs.save(p.acc_key, p.accelerated, made("accelerated", p.accelerated))
 
 
-def plan_runs(pairs: list[Pair], cache: RunStore, runs: RunStore, timing: bool) -> list[tuple[str, Pair]]:
-    """The runs run_all makes, in order: ("reference", p) fills the cache; ("timing", p) runs a stored
-    reference again just before its accelerated run; ("accelerated", p) once per setting not stored."""
-    schedule, made, todo = [], set(), set()
+def time_pair(p: Pair, fill: bool, cache: RunStore, runs: RunStore, made, repeats: int, warmup: bool, load=None) -> None:
+    """Alternate p's reference and accelerated runs (vdit_sparse/timing.py) and store the accelerated run with the
+    timings of both sides; ``fill``: the reference is not cached yet, so its first run is stored there."""
+    from .timing import alternate, paired
+
+    def reference():
+        result = made("reference", p.reference)
+        if fill and not cache.has(p.ref_key):
+            cache.save(p.ref_key, p.reference, result)
+        return result
+
+    series, results, loads = alternate(
+        {"reference": reference, "accelerated": lambda: made("accelerated", p.accelerated)}, repeats, warmup=warmup,
+        seconds=lambda r: r.wall_s, load=load,  # the pipeline call alone, not the set-up around it
+    )
+    attention = {k: float(np.median([r.attention_ms for r in v])) for k, v in results.items()}
+    timed = {"wall_s": series["reference"].median, "attention_ms": attention["reference"],
+             "accelerated_wall_s": series["accelerated"].median, "accelerated_attention_ms": attention["accelerated"],
+             "timings": paired(series, "reference", "accelerated", loads).to_json()}
+    runs.save(p.acc_key, p.accelerated, results["accelerated"][-1], timing_reference=timed)
+
+
+def plan_runs(pairs: list[Pair], cache: RunStore, runs: RunStore) -> list[tuple[Pair, bool, bool]]:
+    """(pair, fill, acc) in order: ``acc``, its accelerated run is not stored yet (once per setting); ``fill``, its
+    reference is not cached yet and this is its first pair (a reference is made even when every accelerated run
+    is stored: the report shows it)."""
+    todo, made, seen = [], set(), set()
     for p in pairs:
-        fresh = p.ref_key not in made and not cache.has(p.ref_key)
-        if fresh:
-            schedule.append(("reference", p))
-            made.add(p.ref_key)
-        if p.acc_key in todo or runs.has(p.acc_key):
-            continue
-        todo.add(p.acc_key)
-        if timing and not fresh:
-            schedule.append(("timing", p))
-        schedule.append(("accelerated", p))
-    return schedule
+        fill = p.ref_key not in made and not cache.has(p.ref_key)
+        acc = p.acc_key not in seen and not runs.has(p.acc_key)
+        made.add(p.ref_key)
+        seen.add(p.acc_key)
+        if fill or acc:
+            todo.append((p, fill, acc))
+    return todo
 
 
 def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore, lpips: bool) -> list[dict]:
@@ -432,42 +487,50 @@ def measure_all(pairs: list[Pair], report: Path, cache: RunStore, runs: RunStore
     return entries
 
 
-def main(argv: list[str], generate_fn=None) -> int:
-    """Run ``vdit-sparse compare``; ``generate_fn(req) -> GenerationResult`` replaces the pipeline (tests)."""
+def main(argv: list[str], generate_fn=None, load=None) -> int:
+    """Run ``vdit-sparse compare``; ``generate_fn(req) -> GenerationResult`` replaces the pipeline and ``load()``
+    the load average (tests)."""
+    from .timing import set_threads
+
     args = parse_args(argv)
     pairs = plan_pairs(args)
+    args.threads = set_threads(args.threads)
     report = Path(args.report)
     parallel.start(args.ulysses_degree, "compare")
     if not parallel.is_main():  # under torchrun: the other ranks make the same runs and write nothing
         refusal = parallel.from_main(None)  # rank 0's verdict on the report folder, or they would wait forever
         if refusal:
             raise UserError(refusal)
-        return _compare(args, pairs, report, generate_fn)
+        return _compare(args, pairs, report, generate_fn, load)
     claimed = False
     try:
         with report_lock(report):
             claim_report_dir(report, identity(pairs, args.against), args.overwrite)
             claimed = True
             parallel.from_main(None)
-            return _compare(args, pairs, report, generate_fn)
+            return _compare(args, pairs, report, generate_fn, load)
     except UserError as e:
         if not claimed:
             parallel.from_main(str(e))
         raise
 
 
-def _compare(args, pairs: list[Pair], report: Path, generate_fn) -> int:
+def _compare(args, pairs: list[Pair], report: Path, generate_fn, load=None) -> int:
     from .quality.report import ReportEntry, write_report
+    from .timing import cores, load_average
 
+    load = load or load_average
     cache = parallel.main_store(RunStore(args.dense_cache or default_cache_dir()))
     runs = parallel.main_store(RunStore(report / "runs"))
-    load_before = machine_load()
-    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(warmup=not args.no_warmup), timing=not args.no_timing)
+    load_before = load()
+    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(), timing=not args.no_timing, repeats=args.repeats,
+            warmup=not args.no_warmup, load=load)
     if not parallel.is_main():
         return 0
     entries = measure_all(pairs, report, cache, runs, lpips=not args.no_lpips)
     metrics = summarize(pairs, entries, swept=bool(args.sweep))
-    metrics["machine"] = {"load_before": load_before, "load_after": machine_load(), "cpus": os.cpu_count(),
+    metrics["machine"] = {"load_before": load_before, "load_after": load(), "cpus": cores(),
+                          "threads": args.threads, "repeats": args.repeats,
                           "device": entries[0].get("device") if entries else None}
     metrics["warnings"] = density_warnings(entries, metrics.get("sweep"))
     shown = []
@@ -475,28 +538,34 @@ def _compare(args, pairs: list[Pair], report: Path, generate_fn) -> int:
         ref, acc = cache.load(p.ref_key), runs.load(p.acc_key)
         fps = args.fps or _model_fps(acc.config)
         shown.append(ReportEntry(e, ref.frames, acc.frames, acc.stats, fps=fps, computed=acc.computed))
-    methods = ", ".join(dict.fromkeys(p.accelerated.attention for p in pairs))
-    title = f"vdit-sparse: {methods} against {args.against}"
-    paths = write_report(report, metrics, shown, title=title)
-    m = metrics["mean"]
-    psnr = "identical" if m.get("identical") else f"{_fmt(m['psnr'])} dB"
-    print(
-        f"mean over {len(entries)} run(s): speedup {_fmt(m['speedup'])}x, PSNR {psnr}, "
-        f"SSIM {_fmt(m['ssim'])}, LPIPS {_fmt(m['lpips'])}, density {_fmt(m['density'])}\nreport: {paths['html']}"
-    )
-    for warning in metrics["warnings"]:
-        print(f"warning: {warning}")
+    paths = write_report(report, metrics, shown, title=report_title(pairs, args.against))
+    print_summary(metrics, paths["html"])
     return 0
 
 
-def machine_load() -> float | None:
-    """The 1-minute load average (None where the platform has none): speed-ups mean little on a busy machine."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
+def report_title(pairs: list[Pair], against: str) -> str:
+    """Attention and cache as run on both sides: "vdit-sparse: dense + magcache against dense"."""
+    runs = ", ".join(dict.fromkeys(_run_label(p.accelerated) for p in pairs))
+    references = ", ".join(dict.fromkeys(_run_label(p.reference) for p in pairs)) or against
+    return f"vdit-sparse: {runs} against {references}"
 
 
+def print_summary(metrics: dict, html: Path) -> None:
+    """The mean (its speed-up over reliable timings only), one line per unreliable speed-up, the warnings."""
+    m, entries = metrics["mean"], metrics["prompts"]
+    psnr = "identical" if m.get("identical") else f"{_fmt(m['psnr'])} dB"
+    spread = m.get("speedup_spread")
+    speed = "speedup " + ("n/a" if m["speedup"] is None else f"{_fmt(m['speedup'])}x")
+    speed += f" ({_fmt(spread[0])}-{_fmt(spread[1])})" if spread else ""
+    if m.get("timed_entries"):
+        speed += f" from {m['reliable_entries']} of {m['timed_entries']} timing(s) reliable"
+    print(f"mean over {len(entries)} run(s): {speed}, PSNR {psnr}, SSIM {_fmt(m['ssim'])}, LPIPS {_fmt(m['lpips'])}, "
+          f"density {_fmt(m['density'])}\nreport: {html}")
+    for e in entries:
+        if e.get("timing_reliable") is False:
+            print(f"unreliable speed-up {_fmt(e['speedup'])}x, {e['label']}: {'; '.join(e['timing_reasons'])}")
+    for warning in metrics["warnings"]:
+        print(f"warning: {warning}")
 
 
 def density_warnings(entries: list[dict], sweep: list[dict] | None) -> list[str]:

@@ -160,9 +160,9 @@ def load_tuned(name_or_path: str) -> tuple[dict[int, dict], dict[str, dict]]:
     return parse_tuned(data, f"tuned table {path}")
 
 
-def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int | None) -> None:
+def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int) -> None:
     """Refuse a tuned table made for another run: its metadata's method, model and step count must be this run's,
-    and a table holding only step-cache settings needs ``cache`` to run that cache (``steps`` None: not checked).
+    and a table holding only step-cache settings needs ``cache`` to run that cache.
     Hand-written tables without metadata are taken as they are."""
     from .caches import parse_cache
 
@@ -181,7 +181,7 @@ def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, 
     if meta.get("model") and meta["model"] != model:
         raise UserError(f"{where}: tuned on model={meta['model']!r}, this run is model={model!r}; tune one for this model")
     tuned_steps = meta.get("steps") or (meta.get("calibration") or {}).get("steps")
-    if tuned_steps and steps is not None and tuned_steps != steps:
+    if tuned_steps and tuned_steps != steps:
         raise UserError(f"{where}: tuned at {tuned_steps} steps, this run has {steps}; run --steps {tuned_steps}, "
                         "or tune a table at this step count")
 

@@ -39,6 +39,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers attention backend for the dense calls: native (default), xformers, flash, sage, ...")
     p.add_argument("--random-weights", dest="random_weights", action="store_true",
                    help="an embedded model with random weights instead of its trained ones (draws noise; for checks)")
+    p.add_argument("--threads", type=int, help="torch's CPU threads for the run (default: torch's; 1 on a busy machine)")
     p.add_argument("--ulysses-degree", dest="ulysses_degree", type=int, default=1,
                    help="GPUs sharing each video (Ulysses); run under torchrun --nproc-per-node N (default 1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

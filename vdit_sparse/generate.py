@@ -197,11 +197,10 @@ def check_run(cfg, req: GenerateRequest | None = None):
     return settings
 
 
-def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1, warmup: bool = False):
-    """:func:`check_run`; whether a tuned table was made for this method, model and step count (``warmup``: a
-    one-step run before the real one, compile or compare's, of the same table); and for the embedded models, whose
-    configs are known without loading them, the video size and the Ulysses degree: everything refused before any
-    model work. Returns the run's settings."""
+def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1):
+    """:func:`check_run`; whether a tuned table was made for this method, model and step count; and for the
+    embedded models, whose configs are known without loading them, the video size and the Ulysses degree:
+    everything refused before any model work. Returns the run's settings."""
     from . import parallel
     from .config import check_tuned_fits
     from .pipelines.tiny import EMBEDDED, TRANSFORMER_CONFIG, embedded_size_rule
@@ -209,7 +208,7 @@ def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1, warmup: 
     settings = check_run(cfg, req)
     m = cfg.model
     if cfg.get("tuned"):
-        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, m.name, None if warmup else m.steps)
+        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, m.name, m.steps)
     if m.name in EMBEDDED:
         check_video_size(None, m.frames, m.height, m.width, embedded_size_rule())
         parallel.check_degree(TRANSFORMER_CONFIG["num_attention_heads"], degree)
@@ -259,9 +258,8 @@ def call_pipeline(pipe, cfg, steps: int | None = None, on_step=None) -> np.ndarr
     return np.asarray(out.frames[0], dtype=np.float32)
 
 
-def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True, warmup: bool = False) -> GenerationResult:
-    """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given); ``warmup``: an untimed run
-    ahead of the real one, at another step count than a tuned table's."""
+def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True) -> GenerationResult:
+    """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -273,7 +271,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .pipelines.tiny import EMBEDDED, VOCAB_WORDS, unknown_words, weights_info
 
     cfg = resolve(req) if cfg is None else cfg
-    settings = preflight(cfg, req, parallel.degree(), warmup)
+    settings = preflight(cfg, req, parallel.degree())
     m = cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -333,6 +331,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
         config["weights"] = {"source": "random (--random-weights)", "trained": False, "sha256": None}
     else:
         config["weights"] = weights_info(m.name)
+    config["threads"] = torch.get_num_threads()  # torch's intra-op threads during the run (--threads)
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,
         attention_ms=summary["attention_ms"], density=summary["density"] if table else 1.0,
@@ -385,6 +384,7 @@ def sidecar(result: GenerationResult) -> dict:
         "seed": result.config["seed"],
         "device": result.config["device"],
         "wall_s": round(result.wall_s, 4),
+        "threads": result.config.get("threads"),
         "compile_s": None if result.compile_s is None else round(result.compile_s, 3),
         "attention_ms": round(result.attention_ms, 3),
         "density": result.density,

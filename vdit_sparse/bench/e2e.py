@@ -16,9 +16,7 @@ svg2 runs warm: one untimed forward runs the cold k-means, timed forwards use th
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import torch
 
@@ -73,24 +71,28 @@ def build(shape: str, layers: int | None, device, dtype):
     return model, cast
 
 
-def timed(model, inputs: dict, repeats: int, device) -> float:
-    """Median milliseconds of one forward (after one untimed forward)."""
+def timed(model, inputs: dict, repeats: int, device):
+    """(Series of one forward's seconds, load averages): ``repeats`` forwards after one untimed one, by
+    vdit_sparse/timing.py's timer (the settings cannot alternate: each is its own accelerate() and compile)."""
+    from ..timing import alternate
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+
+    def forward():
+        model(**inputs)
+        sync()  # the clock stops when the GPU is done; the previous forward's sync left it idle at the start
+
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            sync()
-            t0 = time.perf_counter()
-            model(**inputs)
-            sync()
-            if i:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        sync()
+        series, _, loads = alternate({"forward": forward}, repeats)
+    return series["forward"], loads
 
 
 def run(args) -> list[dict]:
     import vdit_sparse as vs
     from vdit_sparse.methods import get_method
+
+    from ..timing import Series, Timings, cores, verdict
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -109,23 +111,28 @@ def run(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             acc = vs.accelerate(model, attention=method, cache=cache, compile=compile_backend, **params)
             try:
-                ms = timed(model, inputs, args.repeats, device)
+                series, loads = timed(model, inputs, args.repeats, device)
                 table = acc.stats()
             finally:
                 acc.remove()
                 torch._dynamo.reset()
             calls = [r for r in table if r["step"] > 0] or table  # the warm-up forward is step 0
             attn_ms = sum(r["ms"] for r in calls) / max(len({r["step"] for r in calls}), 1)
+            ms = 1e3 * series.median
             rows.append({
                 "compiled": bool(compile_backend), "method": method, "density_requested": density, "cache": cache,
-                "ms": ms, "attention_share": attn_ms / ms,
+                "ms": ms, "runs_s": list(series.seconds), "loads": list(loads), "attention_share": attn_ms / ms,
                 "density": sum(r["density"] for r in calls) / max(len(calls), 1),
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
             })
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    base = next(r["ms"] for r in rows if r["compiled"] and r["method"] == "dense")
-    for r in rows:
-        r["speedup_vs_dense_compiled"] = base / r["ms"]
+    base = next(r for r in rows if r["compiled"] and r["method"] == "dense")
+    for r in rows:  # the ratio of medians, its spread from the extreme forwards, and whether to trust it
+        t = Timings(Series(tuple(base["runs_s"])), Series(tuple(r["runs_s"])), tuple(base["loads"] + r["loads"]),
+                    cores())
+        judged = verdict(t)
+        r["speedup_vs_dense_compiled"] = judged.pop("speedup")
+        r.update(judged)
     return rows
 
 
@@ -161,11 +168,13 @@ def main(argv=None) -> int:
 
         require_cuda("--e2e")
     rows = run(args)
-    print(f"{'compiled':>8} {'method':>6} {'asked':>5} {'density':>7} {'cache':>8} {'ms':>9} {'x dense-c':>9} {'attn %':>6}")
+    print(f"{'compiled':>8} {'method':>6} {'asked':>5} {'density':>7} {'cache':>8} {'ms':>9} {'x dense-c':>9} {'attn %':>6}  range")
     for r in rows:
+        low, high = r["speedup_spread"]
         asked = "-" if r["density_requested"] is None else f"{r['density_requested']:.2f}"
         print(f"{r['compiled']!s:>8} {r['method']:>6} {asked:>5} {r['density']:7.3f} {r['cache']:>8} {r['ms']:9.2f} "
-              f"{r['speedup_vs_dense_compiled']:9.2f} {100 * r['attention_share']:6.1f}")
+              f"{r['speedup_vs_dense_compiled']:9.2f} {100 * r['attention_share']:6.1f}  {low:.2f}-{high:.2f}"
+              + ("" if r["timing_reliable"] else f"  unreliable: {'; '.join(r['timing_reasons'])}"))
     for note in density_notes(rows, args.shape):
         print(f"note: {note}")
     if args.json:

@@ -88,21 +88,43 @@ def _num(v, digits: int = 4) -> str:
 
 
 def _cell(e: dict, key: str) -> str:
-    """A table cell: a PSNR of identical videos reads "identical", a value not measured "—"."""
+    """A table cell: a PSNR of identical videos reads "identical", a value not measured "—", a speed-up whose
+    timing is not to be trusted "(unreliable)" after it, a spread "low–high"."""
     if key in ("psnr", "psnr_float") and e.get(key) is None and e.get("identical"):
         return "identical"
+    if key == "speedup_spread":
+        spread = e.get(key)
+        return f"{_num(spread[0], 3)}–{_num(spread[1], 3)}" if spread else "—"
+    if key == "speedup" and e.get(key) is not None and e.get("timing_reliable") is False:
+        return f"{_num(e[key])} (unreliable)"
     return _num(e.get(key))
 
 
 NOTES = (
     "— : not measured (a speed-up needs a reference timed in the same run: see compare --no-timing) or unavailable.",
-    "Speedup: reference wall time / accelerated wall time, both timed one after the other in the same process. "
+    "Speedup: the median reference wall time over the median accelerated one, the two timed alternately after one "
+    "untimed warm-up of each (compare --repeats); range: the fastest reference over the slowest accelerated run, and "
+    "the slowest over the fastest. A speed-up is unreliable when either side's runs spread by more than 10 %, the "
+    "load average exceeded the cores, or it is more than the work computed allows; the mean leaves those out. "
     "Density: realised share of the attention matrix computed (warm-up steps and dense layers included).",
 )
+KEYS = ["run_label", "speedup", "speedup_spread", "psnr", "ssim", "lpips", "density", "psnr_float", "ssim_float"]
+HEADS = ["run", "speedup", "speed-up range", "PSNR dB", "SSIM", "LPIPS", "density", "PSNR float", "SSIM float"]
 
 
 def _warnings(metrics: dict) -> list[str]:
     return list(metrics.get("warnings") or [])
+
+
+def timing_lines(metrics: dict) -> list[str]:
+    """One line per unreliable speed-up with its reasons, and which entries the mean speed-up averages."""
+    out = [f"Unreliable speed-up, {e.get('label') or e.get('prompt', '')}: {'; '.join(e.get('timing_reasons') or [])}"
+           for e in metrics.get("prompts", []) if e.get("timing_reliable") is False]
+    mean = metrics["mean"]
+    if mean.get("timed_entries"):
+        out.append(f"Mean speed-up over the {mean['reliable_entries']} of {mean['timed_entries']} timed entries "
+                   "whose timing is reliable.")
+    return out
 
 
 def _table_rows(metrics: dict) -> list[tuple[str, dict]]:
@@ -112,11 +134,11 @@ def _table_rows(metrics: dict) -> list[tuple[str, dict]]:
 
 def render_markdown(metrics: dict, title: str) -> str:
     """A summary table (one row per entry and the mean) and the VBench-style values."""
-    head = ["entry", "speedup", "PSNR dB", "SSIM", "LPIPS", "density", "PSNR float", "SSIM float"]
-    keys = ["speedup", "psnr", "ssim", "lpips", "density", "psnr_float", "ssim_float"]
+    head = ["entry", *HEADS]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in _table_rows(metrics):
-        lines.append("| " + " | ".join([name.replace("|", "\\|")] + [_cell(e, k) for k in keys]) + " |")
+        lines.append("| " + " | ".join([name.replace("|", "\\|")] + [_cell(e, k) for k in KEYS]) + " |")
+    lines += ["", *timing_lines(metrics)] if timing_lines(metrics) else []
     reasons = sorted({e["lpips_unavailable"] for e in metrics.get("prompts", []) if e.get("lpips_unavailable")})
     if reasons:
         lines += ["", "LPIPS unavailable: " + "; ".join(reasons)]
@@ -162,11 +184,10 @@ section { border-top: 1px solid #ddd; margin-top: 2em; } .warning { color: #a40;
 
 
 def _html_table(metrics: dict) -> str:
-    keys = ["speedup", "psnr", "ssim", "lpips", "density", "psnr_float", "ssim_float"]
-    head = "".join(f"<th>{k}</th>" for k in ["entry"] + keys)
+    head = "".join(f"<th>{k}</th>" for k in ["entry", *HEADS])
     body = []
     for name, e in _table_rows(metrics):
-        cells = "".join(f"<td>{escape(_cell(e, k))}</td>" for k in keys)
+        cells = "".join(f"<td>{escape(_cell(e, k))}</td>" for k in KEYS)
         body.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -223,7 +244,8 @@ def _pareto_html(metrics: dict) -> str:
 def render_html(metrics: dict, entries: list[ReportEntry], title: str) -> str:
     """One self-contained page: summary table, Pareto plot (sweeps), and per entry the
     side-by-side video (an mp4 data: URI), per-frame PSNR and the density heat map."""
-    notes = "".join(f"<p class=\"warning\">warning: {escape(w)}</p>" for w in _warnings(metrics))
+    notes = "".join(f"<p class=\"warning\">{escape(line)}</p>" for line in timing_lines(metrics))
+    notes += "".join(f"<p class=\"warning\">warning: {escape(w)}</p>" for w in _warnings(metrics))
     notes += "".join(f"<p class=\"note\">{escape(n)}</p>" for n in NOTES)
     body = [f"<h1>{escape(title)}</h1>", _html_table(metrics), notes, _pareto_html(metrics)]
     body += [_entry_html(e) for e in entries]

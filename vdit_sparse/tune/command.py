@@ -17,6 +17,7 @@ attention error against dense stays within the target.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", metavar="JSON", help="cost model from vdit-sparse bench --cost-model (default: configs/cost_model.json if present)")
     p.add_argument("--rounds", type=int, default=3, help="--target-psnr: end-to-end checks before giving up (default 3)")
     p.add_argument("--no-validate", action="store_true", help="skip the held-out validation runs")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="held-out validation: timed runs of dense, tuned and uniform, alternated (default 3)")
     p.add_argument("--layer-sensitivity", action="store_true",
                    help="weigh each layer's attention error by how much of it reaches the video, measured with one "
                         "run per layer and calibration prompt (that layer sparse, the others dense)")
@@ -78,6 +81,8 @@ def check_args(args) -> None:
     from ..caches import parse_cache
     from ..methods import METHODS
 
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats}: must be a positive integer (3 or more gives a spread to judge)")
     if args.cache == "magcache":  # the calibration mode: no target, no knob
         if args.target_psnr is not None or args.target_error is not None or args.attention != "dense":
             raise UserError("tune --cache magcache: measures MagCache's ratios on dense runs; drop --target-* and --attention")
@@ -419,12 +424,14 @@ def _plain(x):
 
 
 def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, knob_value) -> dict:
-    """Held-out prompts: PSNR against dense and attention time of the tuned table and of the uniform setting."""
+    """Held-out prompts: PSNR against dense, wall and attention time of the tuned table and of the uniform setting,
+    the three runs alternated after one warm-up each, ``--repeats`` times (vdit_sparse/timing.py)."""
     from ..compare import reference_request
     from ..quality import psnr
+    from ..timing import alternate, mean_speedups, paired, verdict
 
     rows = []
-    with _bar(3 * len(prompts), "validating") as bar:
+    with _bar(3 * (args.repeats + 1) * len(prompts), "validating") as bar:
         for prompt in prompts:
             req = replace(base, prompt=prompt)
             runs = {
@@ -432,19 +439,28 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
                 "tuned": (req, out),
                 "uniform": (_with_settings(req, {args.knob: knob_value}), None),
             }
-            results = {}
-            for name, (r, tuned) in runs.items():
-                results[name] = generate(pipe, r, tuned)
+
+            def run(r, tuned):
+                result = generate(pipe, r, tuned)
                 bar.update()
-            ref = results["dense"]
+                return result
+
+            series, results, loads = alternate({name: functools.partial(run, *rt) for name, rt in runs.items()},
+                                               args.repeats, seconds=lambda r: r.wall_s)
+            attention = {name: float(np.median([r.attention_ms for r in rs])) for name, rs in results.items()}
+            ref = results["dense"][-1]
             row = {"prompt": prompt}
             for name in ("tuned", "uniform"):
-                res = results[name]
+                res = results[name][-1]
                 row[name] = {"psnr": min(psnr(ref.frames, res.frames), PSNR_CAP), "density": res.density,
-                             "attention_ms": res.attention_ms, "attention_speedup": ref.attention_ms / max(res.attention_ms, 1e-9)}
+                             "attention_ms": attention[name],
+                             "attention_speedup": attention["dense"] / max(attention[name], 1e-9),
+                             **verdict(paired(series, "dense", name, loads))}
             rows.append(row)
-    mean = {name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in ("tuned", "uniform")}
-    return {"prompts": rows, "mean": mean, "uniform_setting": {args.knob: knob_value}}
+    mean = {name: {**{k: float(np.mean([r[name][k] for r in rows])) for k in ("psnr", "density", "attention_ms")},
+                   **mean_speedups([r[name] for r in rows])}
+            for name in ("tuned", "uniform")}
+    return {"prompts": rows, "mean": mean, "uniform_setting": {args.knob: knob_value}, "repeats": args.repeats}
 
 
 def metadata(args, cfg, cost: CostModel, cal_prompts, steps_seen, chosen, dense_total) -> dict:
@@ -490,6 +506,7 @@ def main(argv: list[str], pipe=None) -> int:
     from ..generate import check_video_size, preflight, resolve
     from ..loading import load_pipeline, resolve_device, resolve_dtype
     from ..policy import Policy
+    from ..timing import set_threads
     from .report import write_report
 
     t0 = time.perf_counter()
@@ -502,6 +519,7 @@ def main(argv: list[str], pipe=None) -> int:
     holdout = read_prompts(args.holdout, HOLDOUT_PROMPTS, "--holdout")
     cost = load_cost_model(args.cost_model)
     base = request_from_args(args, cal_prompts[0])
+    set_threads(args.threads)
     if magcache:  # the runs are dense; the ratios come from diffusers' calibration mode
         base = replace(base, cache="none")
     cfg = resolve(base)
@@ -558,6 +576,14 @@ def _db(psnr: float) -> str:
     return "identical (capped at 100 dB)" if psnr >= PSNR_CAP else f"{psnr:.2f} dB"
 
 
+def _speeds(mean: dict) -> str:
+    """Measured speed-ups of a validation mean, over its reliable timings only (n/a when none was)."""
+    def x(v):
+        return "n/a" if v is None else f"{v:.2f}x"
+    return (f"speed-up {x(mean['speedup'])}, attention speed-up {x(mean['attention_speedup'])}; "
+            f"{mean['reliable_entries']} of {mean['timed_entries']} timings reliable")
+
+
 def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) -> None:
     p = meta["predicted"]
     layers = ", ".join(f"{layer}: {', '.join(f'{k}={v}' for k, v in o.setting.items())}" for layer, o in chosen.items())
@@ -572,8 +598,12 @@ def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) ->
         m = validation["mean"]
         u = ", ".join(f"{k}={v}" for k, v in validation["uniform_setting"].items())
         print(f"held-out ({len(validation['prompts'])} prompts): tuned PSNR {_db(m['tuned']['psnr'])} "
-              f"(density {m['tuned']['density']:.3f}, attention speed-up {m['tuned']['attention_speedup']:.2f}x) | "
+              f"(density {m['tuned']['density']:.3f}, {_speeds(m['tuned'])}) | "
               f"uniform {u} of equal predicted cost: PSNR {_db(m['uniform']['psnr'])} "
-              f"(density {m['uniform']['density']:.3f}, {m['uniform']['attention_speedup']:.2f}x)")
+              f"(density {m['uniform']['density']:.3f}, {_speeds(m['uniform'])})")
         print(f"tuned minus uniform on held-out prompts: {m['tuned']['psnr'] - m['uniform']['psnr']:+.2f} dB")
+        for row in validation["prompts"]:
+            for name in ("tuned", "uniform"):
+                if not row[name]["timing_reliable"]:
+                    print(f"unreliable speed-up, {name} on {row['prompt'][:48]!r}: {'; '.join(row[name]['timing_reasons'])}")
     print(f"wrote {out} and {report} in {seconds:.0f} s")

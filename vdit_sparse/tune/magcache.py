@@ -59,22 +59,29 @@ def write(path: Path, ratios: list[float], meta: dict) -> None:
     atomic_write(path, header + yaml.safe_dump(body, sort_keys=False))
 
 
-def validate(pipe, requests, table: Path) -> dict:
-    """MagCache at its default threshold with the measured ratios, against dense: PSNR, blocks computed, time."""
+def validate(pipe, requests, table: Path, repeats: int = 3) -> dict:
+    """MagCache at its default threshold with the measured ratios, against dense: PSNR, blocks computed, and the
+    speed-up of the two timed alternately after one warm-up each, ``repeats`` times (vdit_sparse/timing.py)."""
     from ..generate import run_generation
     from ..quality import psnr
     from ..stats import computed_share
+    from ..timing import alternate, mean_speedups, paired, speedup_bound, verdict
     from .search import PSNR_CAP
 
     rows = []
     for req in requests:
-        dense = run_generation(req, pipe=pipe, progress=False)
-        cached = run_generation(replace(req, cache="magcache", tuned=str(table)), pipe=pipe, progress=False)
+        cached_req = replace(req, cache="magcache", tuned=str(table))
+        series, results, loads = alternate(
+            {"dense": lambda: run_generation(req, pipe=pipe, progress=False),
+             "magcache": lambda: run_generation(cached_req, pipe=pipe, progress=False)},
+            repeats, seconds=lambda r: r.wall_s)
+        dense, cached = results["dense"][-1], results["magcache"][-1]
+        share = computed_share(cached.computed)
         rows.append({"prompt": req.prompt, "psnr": min(psnr(dense.frames, cached.frames), PSNR_CAP),
-                     "computed_share": computed_share(cached.computed),
-                     "speedup": dense.wall_s / cached.wall_s})
+                     "computed_share": share,  # dense attention on both sides: the work bound is 1 / share
+                     **verdict(paired(series, "dense", "magcache", loads), speedup_bound(share, None, False))})
     return {"prompts": rows, "mean_psnr": float(np.mean([r["psnr"] for r in rows])),
-            "mean_speedup": float(np.mean([r["speedup"] for r in rows]))}
+            "mean_speedup": mean_speedups(rows, ("speedup",))["speedup"], "repeats": repeats}
 
 
 def run(args, pipe, base, cfg, cal_prompts, holdout, out: Path) -> int:
@@ -91,10 +98,13 @@ def run(args, pipe, base, cfg, cal_prompts, holdout, out: Path) -> int:
     print(f"MagCache ratios over {len(cal_prompts)} prompts, {steps} steps: {', '.join(f'{r:.4f}' for r in ratios)}")
     if not args.no_validate:
         held = [replace(base, prompt=p, attention="dense", cache="none", settings={}) for p in holdout]
-        result = validate(pipe, held, out)
+        result = validate(pipe, held, out, args.repeats)
         for row in result["prompts"]:
             share = "n/a" if row["computed_share"] is None else f"{row['computed_share']:.2f}"
+            low, high = row["speedup_spread"]
+            judged = "" if row["timing_reliable"] else f"; unreliable: {'; '.join(row['timing_reasons'])}"
             print(f"held-out {row['prompt'][:48]!r}: PSNR {row['psnr']:.2f} dB, blocks computed {share}, "
-                  f"speed-up {row['speedup']:.2f}x (dense timed just before, same process)")
+                  f"speed-up {row['speedup']:.2f}x ({low:.2f}-{high:.2f}, {args.repeats} runs each alternated with "
+                  f"dense){judged}")
     print(f"wrote {out} in {time.perf_counter() - t0:.0f} s; use it with --tuned {out} --cache magcache")
     return 0

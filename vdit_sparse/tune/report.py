@@ -95,15 +95,28 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table border='1' cellspacing='0' cellpadding='4'><tr>{head}</tr>{body}</table>"
 
 
+def _measured(mean: dict, key: str) -> str:
+    """A validation mean's speed-up over its reliable timings, or why there is none."""
+    value = mean.get(key)
+    if value is None:
+        return f"no reliable timing (0 of {mean.get('timed_entries', 0)})"
+    return f"{value:.3g}x ({mean['reliable_entries']} of {mean['timed_entries']} timings reliable)"
+
+
 def _speed_rows(meta: dict, validation: dict | None, uniform: dict) -> list[list]:
     p = meta["predicted"]
-    rows = [["tuned", "per layer", p["attention_speedup"],
-             validation["mean"]["tuned"]["attention_speedup"] if validation else "not run",
-             validation["mean"]["tuned"]["psnr"] if validation else "not run"]]
-    if validation:
-        rows.append([f"uniform {_setting(uniform)}", "", p["attention_speedup"],
-                     validation["mean"]["uniform"]["attention_speedup"], validation["mean"]["uniform"]["psnr"]])
+    runs = [("tuned", "per layer")] + ([(f"uniform {_setting(uniform)}", "")] if validation else [])
+    rows = []
+    for (name, note), key in zip(runs, ("tuned", "uniform")):
+        m = validation["mean"][key] if validation else None
+        rows.append([name, note, p["attention_speedup"], _measured(m, "attention_speedup") if m else "not run",
+                     _measured(m, "speedup") if m else "not run", m["psnr"] if m else "not run"])
     return rows
+
+
+def _held_out_speedup(run: dict) -> str:
+    text = f"{run['speedup']:.3g}x ({run['speedup_spread'][0]:.3g}-{run['speedup_spread'][1]:.3g})"
+    return text if run["timing_reliable"] else f"{text} unreliable: {'; '.join(run['timing_reasons'])}"
 
 
 def render(meta, cands, options, chosen, validation, fit, uniform) -> str:
@@ -120,16 +133,18 @@ def render(meta, cands, options, chosen, validation, fit, uniform) -> str:
              f"<p>target {escape(str(meta['target']))}; cost model: {escape(meta['cost_model'])}; "
              f"model {escape(meta['model'])}; {escape(meta['date'])}</p>", bars, curves,
              "<h2>Predicted against measured</h2>",
-             _table(["table", "", "predicted attention speed-up", "measured attention speed-up (held-out)", "PSNR dB (held-out)"],
-                    _speed_rows(meta, validation, uniform)),
-             "<p>Measured attention speed-ups are the attention time of the runs on this machine; on a CPU "
-             "they do not predict a GPU's.</p>"]
+             _table(["table", "", "predicted attention speed-up", "measured attention speed-up (held-out)",
+                     "measured speed-up (held-out)", "PSNR dB (held-out)"], _speed_rows(meta, validation, uniform)),
+             "<p>Measured speed-ups are medians of dense and each table timed alternately after one warm-up each "
+             "(tune --repeats), averaged over the prompts whose timing is reliable (runs within 10 % of each other, "
+             "load average under the cores); on a CPU they do not predict a GPU's.</p>"]
     rows = [[l, _setting(chosen[l].setting), chosen[l].error, chosen[l].density, chosen[l].cost] for l in layers]
     parts += ["<h2>Per layer</h2>", _table(["layer", "setting", "predicted error", "realised density", "predicted cost"], rows)]
     if validation:
-        vr = [[r["prompt"], r["tuned"]["psnr"], r["uniform"]["psnr"], r["tuned"]["density"], r["uniform"]["density"]]
-              for r in validation["prompts"]]
-        parts += ["<h2>Held-out prompts</h2>", _table(["prompt", "tuned PSNR", "uniform PSNR", "tuned density", "uniform density"], vr)]
+        vr = [[r["prompt"], r["tuned"]["psnr"], r["uniform"]["psnr"], r["tuned"]["density"], r["uniform"]["density"],
+               _held_out_speedup(r["tuned"]), _held_out_speedup(r["uniform"])] for r in validation["prompts"]]
+        parts += ["<h2>Held-out prompts</h2>", _table(["prompt", "tuned PSNR", "uniform PSNR", "tuned density",
+                                                       "uniform density", "tuned speed-up", "uniform speed-up"], vr)]
     if fit:
         pts = [[str(p["setting"]), p["predicted_error"], p["psnr"]] for p in fit["uniform_points"]]
         pts += [[f"tuned, searched at error {r['searched_error']:.3g}", r["predicted_error"], r["psnr"]] for r in fit["rounds"]]
