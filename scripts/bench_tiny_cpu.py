@@ -57,7 +57,8 @@ def experiments(prompts: Path, magcache: Path, steps: int, timing: tuple = ()) -
             ["compare", *common, "--attention", "dense", "--sweep", "cache=" + ",".join(f"tileskip+{c}" for c in STEP_CACHES),
              "--tuned", str(magcache), "--report", f"{{out}}/caches-tileskip-{steps}"],
             # the thresholds of the caches that decide from the run, below and above their defaults
-            *[["compare", *common, "--attention", "dense", "--cache", cache, "--tuned", str(magcache),
+            *[["compare", *common, "--attention", "dense", "--cache", cache,
+               *(["--tuned", str(magcache)] if cache == "magcache" else []),  # the ratios serve MagCache alone
                "--sweep", f"{cache}.threshold={values}", "--report", f"{{out}}/sweep-{cache}-{steps}"]
               for cache, values in THRESHOLD_SWEEPS.items()],
         ],

@@ -190,8 +190,11 @@ def check_requests(pairs: list[Pair], degree: int = 1) -> None:
     degree) before the first run starts and before the report folder is touched."""
     from .generate import preflight, resolve
 
+    from .caches import parse_cache
+
+    step_caches = {parse_cache(p.accelerated.cache)[1] for p in pairs}  # what a caches-only tuned table may serve
     for req in {r.key(): r for p in pairs for r in (p.reference, p.accelerated)}.values():
-        preflight(resolve(req), req, degree)
+        preflight(resolve(req), req, degree, step_caches)
 
 
 def plan_pairs(args: argparse.Namespace) -> list[Pair]:

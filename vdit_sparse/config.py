@@ -160,9 +160,11 @@ def load_tuned(name_or_path: str) -> tuple[dict[int, dict], dict[str, dict]]:
     return parse_tuned(data, f"tuned table {path}")
 
 
-def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int) -> None:
+def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int,
+                     step_caches: set | None = None) -> None:
     """Refuse a tuned table made for another run: its metadata's method, model and step count must be this run's,
-    and a table holding only step-cache settings needs ``cache`` to run that cache.
+    and a table holding only step-cache settings needs ``cache`` to run that cache (``step_caches``: the step caches
+    the whole command runs with this table, when that is more than this run's, as in a compare sweep of caches).
     Hand-written tables without metadata are taken as they are."""
     from .caches import parse_cache
 
@@ -170,8 +172,8 @@ def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, 
     layers, caches = parse_tuned(data, f"tuned table {path}")
     meta = (data.get("metadata") or {}) if isinstance(data, dict) else {}
     where = f"tuned={name_or_path!r}"
-    step_cache = parse_cache(cache)[1]
-    if caches and not layers and not (set(caches) & {step_cache}):
+    used = step_caches if step_caches is not None else {parse_cache(cache)[1]}
+    if caches and not layers and not (set(caches) & used):
         raise UserError(f"{where}: holds only step-cache settings ({', '.join(caches)}); run it with "
                         f"--cache {next(iter(caches))}")
     made_for = meta.get("attention")

@@ -197,10 +197,11 @@ def check_run(cfg, req: GenerateRequest | None = None):
     return settings
 
 
-def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1):
-    """:func:`check_run`; whether a tuned table was made for this method, model and step count; and for the
-    embedded models, whose configs are known without loading them, the video size and the Ulysses degree:
-    everything refused before any model work. Returns the run's settings."""
+def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1, step_caches: set | None = None):
+    """:func:`check_run`; whether a tuned table was made for this method, model and step count (and the step caches
+    its caches section serves: ``step_caches`` when the command runs more than this run's); and for the embedded
+    models, whose configs are known without loading them, the video size and the Ulysses degree: everything
+    refused before any model work. Returns the run's settings."""
     from . import parallel
     from .config import check_tuned_fits
     from .pipelines.tiny import EMBEDDED, TRANSFORMER_CONFIG, embedded_size_rule
@@ -208,7 +209,7 @@ def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1):
     settings = check_run(cfg, req)
     m = cfg.model
     if cfg.get("tuned"):
-        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, m.name, m.steps)
+        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, m.name, m.steps, step_caches)
     if m.name in EMBEDDED:
         check_video_size(None, m.frames, m.height, m.width, embedded_size_rule())
         parallel.check_degree(TRANSFORMER_CONFIG["num_attention_heads"], degree)
