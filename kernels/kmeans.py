@@ -176,8 +176,8 @@ def accumulate_reference(x, labels, num_clusters: int):
 
 
 class KMeansResult(NamedTuple):
-    centroids: torch.Tensor  # (G, C, D) float32; cluster c keeps index c through a warm start
-    labels: torch.Tensor  # (G, N) int32: nearest centroid of each point
+    centroids: torch.Tensor  # (G, C, D) float32: the mean of each cluster's points; index c kept through a warm start
+    labels: torch.Tensor  # (G, N) int32: each point's cluster (nearest centroid at the last assignment)
     reseeded: torch.Tensor  # (G,) int64: empty clusters re-seeded during the run (such a cluster now means other points)
 
 
@@ -259,8 +259,11 @@ def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backen
 
     ``init`` (G, C, D) warm-starts from earlier centroids; None seeds with k-means++ (``sets``: see
     ``seed_plus_plus``; a Ulysses rank holds some of the heads and seeds them as one device would). Runs exactly
-    ``iters`` (assign, update) rounds, then a last assignment, so the returned labels (G, N) int32 are
-    the nearest-centroid partition of the returned centroids (G, C, D) float32.
+    ``iters`` (assign, update) rounds: the labels (G, N) int32 returned are the last round's assignment and the
+    centroids (G, C, D) float32 the means of those clusters, so a cluster's centroid is the exact mean of its
+    tokens (what a mass estimate from centroids needs: c_q · c_k is then the mean logit of the cluster pair)
+    and the assignment costs ``iters`` distance passes, not ``iters + 1``. A cluster the last assignment left
+    empty is re-seeded (its centroid, a far point, has no tokens yet). ``iters = 0`` assigns to ``init`` only.
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected a (G, N, D) tensor, got shape {tuple(x.shape)}")
@@ -281,11 +284,12 @@ def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backen
     accumulate = accumulate_triton if backend == "triton" else accumulate_reference
     reseeded = torch.zeros(G, dtype=torch.int64, device=x.device)
     labels, dist = assign(x, centroids, backend, chunk_size)
-    for _ in range(iters):
+    for i in range(iters):
         sums, counts = accumulate(x, labels, num_clusters)
         centroids = new_centroids(x, sums, counts, dist)
         reseeded += (counts == 0).sum(1)
-        labels, dist = assign(x, centroids, backend, chunk_size)
+        if i + 1 < iters:
+            labels, dist = assign(x, centroids, backend, chunk_size)
     return KMeansResult(centroids, labels, reseeded)
 
 
@@ -295,11 +299,18 @@ def cluster_sizes(labels, num_clusters: int):
     return sizes.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.int64))
 
 
+def cluster_variance(x, centroids, labels):
+    """(G, C, D) float32 per-dimension variance of each cluster's points about its centroid (0 for an empty one)."""
+    own = torch.gather(centroids.float(), 1, labels.long()[..., None].expand(-1, -1, x.shape[2]))  # (G, N, D)
+    squares, counts = accumulate_reference((x.float() - own).square(), labels, centroids.shape[1])
+    return squares / counts.clamp_min(1.0)[..., None]
+
+
 def objective(x, centroids, labels):
     """(G,) float32 sum of squared distances of points to their cluster's centroid."""
     own = torch.gather(centroids.float(), 1, labels.long()[..., None].expand(-1, -1, x.shape[2]))  # (G, N, D)
     return (x.float() - own).square().sum((1, 2))
 
 
-__all__ = ["kmeans", "KMeansResult", "assign", "cluster_sizes", "objective", "assign_reference", "assign_triton",
+__all__ = ["kmeans", "KMeansResult", "assign", "cluster_sizes", "cluster_variance", "objective", "assign_reference", "assign_triton",
            "accumulate_reference", "accumulate_triton", "new_centroids", "seed_plus_plus"]
