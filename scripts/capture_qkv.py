@@ -1,7 +1,7 @@
 """Record q, k, v of a dense run's self-attention calls, for offline studies of sparse methods.
 
     python scripts/capture_qkv.py --model tiny --out /tmp/qkv-tiny.pt              # every step and layer
-    python scripts/capture_qkv.py --model /work/ckpt-long/export --steps 3,6,9 --out /tmp/qkv-long.pt
+    python scripts/capture_qkv.py --model DIR --frames 97 --height 128 --width 128 --dtype float16 --out /tmp/qkv-long.pt
     python scripts/capture_qkv.py --model tiny --steps 6 --layers 1,4 --heads 0 --branch cond \\
         --dtype float16 --out tests/methods/data/svg2_sample.pt                    # the sample the tests ship
 
@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="a red square moving right on a plain background")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the model config's)")
+    for size in ("frames", "height", "width"):
+        p.add_argument(f"--{size}", type=int, default=None, help=f"video {size} (default: the model config's)")
     p.add_argument("--steps", default="all", help="steps to record, e.g. 3,6,9 (default: all)")
     p.add_argument("--layers", default="all", help="layers to record, e.g. 0,3 (default: all)")
     p.add_argument("--heads", default="all", help="heads to keep, e.g. 0,2 (default: all)")
@@ -82,8 +84,16 @@ def capture(args) -> dict:
     from vdit_sparse.integration import accelerate
     from vdit_sparse.loading import load_pipeline
 
-    cfg = resolve(GenerateRequest(prompt=args.prompt, model=args.model, seed=args.seed, steps=args.num_steps))
+    from vdit_sparse.errors import UserError
+    from vdit_sparse.generate import check_video_size
+
+    cfg = resolve(GenerateRequest(prompt=args.prompt, model=args.model, seed=args.seed, steps=args.num_steps,
+                                  frames=args.frames, height=args.height, width=args.width))
     pipe = load_pipeline(cfg.model.name, device="cpu", dtype=torch.float32)
+    try:
+        check_video_size(pipe, int(cfg.model.frames), int(cfg.model.height), int(cfg.model.width))
+    except UserError as e:
+        raise SystemExit(f"capture_qkv: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     recorder = Capture(args.steps, args.layers, args.heads, args.branch, DTYPES[args.dtype])
     handle = accelerate(pipe, attention="dense")
