@@ -315,10 +315,16 @@ def cluster_sizes(labels, num_clusters: int):
 
 
 def cluster_variance(x, centroids, labels):
-    """(G, C, D) float32 per-dimension variance of each cluster's points about its centroid (0 for an empty one)."""
-    own = torch.gather(centroids.float(), 1, labels.long()[..., None].expand(-1, -1, x.shape[2]))  # (G, N, D)
-    squares, counts = accumulate_reference((x.float() - own).square(), labels, centroids.shape[1])
-    return squares / counts.clamp_min(1.0)[..., None]
+    """(G, C, D) float32 per-dimension variance of each cluster's points about its centroid (0 for an empty one).
+
+    Σ(x − c)²/n = Σx²/n − 2c·Σx/n + c², from one pass over x² and x (no (G, N, D) gather of centroids).
+    """
+    C = centroids.shape[1]
+    sums, counts = accumulate_reference(x, labels, C)
+    squares, _ = accumulate_reference(x.float().square(), labels, C)
+    n = counts.clamp_min(1.0)[..., None]
+    c = centroids.float()
+    return (squares / n - 2.0 * c * sums / n + c.square()).clamp_min(0.0) * (counts > 0)[..., None]
 
 
 def objective(x, centroids, labels):
