@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK_ELEMENTS = 1 << 22  # PyTorch path: at most this many (point, centroid) distances at once
+CHUNK_ELEMENTS = 1 << 20  # PyTorch path: at most this many (point, centroid) scores at once (4 MiB: they stay in cache for the max)
 SEED_SAMPLE_PER_CLUSTER = 16  # k-means++ seeds from at most this many sampled points per cluster
 SEED_TRIALS = 8  # candidates drawn per new seed; the one that lowers the objective most is kept
 SEED_POWER = 4.0  # candidates are drawn with probability ∝ (d²)^SEED_POWER rather than d²
@@ -142,33 +142,47 @@ def accumulate_triton(x, labels, num_clusters: int, block_n: int = 64):
 # PyTorch reference (also the CPU path)
 
 
-def assign_reference(x, centroids, chunk_size: int | None = None):
-    """Nearest centroid per point, in chunks of N. Returns labels (G, N) int32, dist (G, N) float32."""
+def assign_reference(x, centroids, chunk_size: int | None = None, *, augmented=None):
+    """Nearest centroid per point, in chunks of N. Returns labels (G, N) int32, dist (G, N) float32.
+
+    The nearest centroid maximises x · c − |c|²/2, so one matmul of [x, 1] with [c, −|c|²/2] scores every
+    centroid and a max picks it: no distance matrix is rescaled or copied (on one CPU thread this pass is
+    most of svg2's planning). ``augmented``: ``augment(x)``, when the caller assigns the same x again.
+    """
     G, N, D = x.shape
     C = centroids.shape[1]
     chunk = max(1, CHUNK_ELEMENTS // (G * C)) if chunk_size is None else chunk_size
+    x_aug, x_sq = augment(x) if augmented is None else augmented
     c = centroids.float()
-    c_norm = c.square().sum(-1)[:, None, :]  # (G, 1, C)
+    c_aug = torch.cat([c, -0.5 * c.square().sum(-1, keepdim=True)], -1).transpose(1, 2)  # (G, D + 1, C)
     labels = torch.empty(G, N, dtype=torch.int32, device=x.device)
-    dist = torch.empty(G, N, dtype=torch.float32, device=x.device)
+    best = torch.empty(G, N, dtype=torch.float32, device=x.device)
     for start in range(0, N, chunk):  # a fixed count from the shapes, never from the data
-        xc = x[:, start : start + chunk].float()  # (G, n, D)
-        d = torch.baddbmm(c_norm, xc, c.transpose(1, 2), alpha=-2.0)  # (G, n, C): |x - c|² - |x|²
-        best, idx = d.min(dim=2)
+        score, idx = torch.bmm(x_aug[:, start : start + chunk], c_aug).max(dim=2)  # (G, n): x · c − |c|²/2
         labels[:, start : start + chunk] = idx.to(torch.int32)
-        dist[:, start : start + chunk] = (best + xc.square().sum(-1)).clamp_min(0.0)
-    return labels, dist
+        best[:, start : start + chunk] = score
+    return labels, (x_sq - 2.0 * best).clamp_min(0.0)  # |x − c|² = |x|² − 2(x · c − |c|²/2)
+
+
+def augment(x):
+    """([x, 1] (G, N, D + 1) float32, |x|² (G, N) float32): what ``assign_reference`` scores x with."""
+    xf = x.float()
+    return torch.cat([xf, torch.ones_like(xf[..., :1])], -1), xf.square().sum(-1)
 
 
 def accumulate_reference(x, labels, num_clusters: int):
-    """Per-cluster sums (G, C, D) float32 and counts (G, C) float32, by scatter_add_ over labels."""
+    """Per-cluster sums (G, C, D) float32 and counts (G, C) float32, by index_add_ over labels.
+
+    The G point sets are one flat list of rows and cluster c of set g is row g·C + c: index_add_ adds whole
+    rows (scatter_add_ over an expanded index walks element by element, several times slower on a CPU).
+    """
     G, N, D = x.shape
-    index = labels.long()  # (G, N)
-    sums = torch.zeros(G, num_clusters, D, dtype=torch.float32, device=x.device)
-    sums.scatter_add_(1, index[..., None].expand(-1, -1, D), x.float())  # the index is a view: no (G, N, D) copy
-    counts = torch.zeros(G, num_clusters, dtype=torch.float32, device=x.device)
-    counts.scatter_add_(1, index, torch.ones(G, N, dtype=torch.float32, device=x.device))
-    return sums, counts
+    index = (labels.long() + torch.arange(G, device=x.device)[:, None] * num_clusters).view(-1)  # (G·N,)
+    sums = torch.zeros(G * num_clusters, D, dtype=torch.float32, device=x.device)
+    sums.index_add_(0, index, x.reshape(G * N, D).float())
+    counts = torch.zeros(G * num_clusters, dtype=torch.float32, device=x.device)
+    counts.index_add_(0, index, torch.ones(G * N, dtype=torch.float32, device=x.device))
+    return sums.view(G, num_clusters, D), counts.view(G, num_clusters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,8 +190,8 @@ def accumulate_reference(x, labels, num_clusters: int):
 
 
 class KMeansResult(NamedTuple):
-    centroids: torch.Tensor  # (G, C, D) float32; cluster c keeps index c through a warm start
-    labels: torch.Tensor  # (G, N) int32: nearest centroid of each point
+    centroids: torch.Tensor  # (G, C, D) float32: the mean of each cluster's points; index c kept through a warm start
+    labels: torch.Tensor  # (G, N) int32: each point's cluster (nearest centroid at the last assignment)
     reseeded: torch.Tensor  # (G,) int64: empty clusters re-seeded during the run (such a cluster now means other points)
 
 
@@ -246,11 +260,11 @@ def _backend(x, backend):
     return backend
 
 
-def assign(x, centroids, backend: str | None = None, chunk_size: int | None = None):
+def assign(x, centroids, backend: str | None = None, chunk_size: int | None = None, augmented=None):
     """labels (G, N) int32 and squared distance (G, N) float32 to the nearest of centroids (G, C, D)."""
     if _backend(x, backend) == "triton":
         return assign_triton(x, centroids)
-    return assign_reference(x, centroids, chunk_size)
+    return assign_reference(x, centroids, chunk_size, augmented=augmented)
 
 
 def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backend: str | None = None,
@@ -259,8 +273,11 @@ def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backen
 
     ``init`` (G, C, D) warm-starts from earlier centroids; None seeds with k-means++ (``sets``: see
     ``seed_plus_plus``; a Ulysses rank holds some of the heads and seeds them as one device would). Runs exactly
-    ``iters`` (assign, update) rounds, then a last assignment, so the returned labels (G, N) int32 are
-    the nearest-centroid partition of the returned centroids (G, C, D) float32.
+    ``iters`` (assign, update) rounds: the labels (G, N) int32 returned are the last round's assignment and the
+    centroids (G, C, D) float32 the means of those clusters, so a cluster's centroid is the exact mean of its
+    tokens (what a mass estimate from centroids needs: c_q · c_k is then the mean logit of the cluster pair)
+    and the assignment costs ``iters`` distance passes, not ``iters + 1``. A cluster the last assignment left
+    empty is re-seeded (its centroid, a far point, has no tokens yet). ``iters = 0`` assigns to ``init`` only.
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected a (G, N, D) tensor, got shape {tuple(x.shape)}")
@@ -280,12 +297,14 @@ def kmeans(x, num_clusters: int, iters: int, init=None, *, seed: int = 0, backen
         centroids = init.float()
     accumulate = accumulate_triton if backend == "triton" else accumulate_reference
     reseeded = torch.zeros(G, dtype=torch.int64, device=x.device)
-    labels, dist = assign(x, centroids, backend, chunk_size)
-    for _ in range(iters):
+    augmented = augment(x) if backend == "torch" and iters > 1 else None  # built once for every assignment
+    labels, dist = assign(x, centroids, backend, chunk_size, augmented)
+    for i in range(iters):
         sums, counts = accumulate(x, labels, num_clusters)
         centroids = new_centroids(x, sums, counts, dist)
         reseeded += (counts == 0).sum(1)
-        labels, dist = assign(x, centroids, backend, chunk_size)
+        if i + 1 < iters:
+            labels, dist = assign(x, centroids, backend, chunk_size, augmented)
     return KMeansResult(centroids, labels, reseeded)
 
 
@@ -295,11 +314,24 @@ def cluster_sizes(labels, num_clusters: int):
     return sizes.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.int64))
 
 
+def cluster_variance(x, centroids, labels):
+    """(G, C, D) float32 per-dimension variance of each cluster's points about its centroid (0 for an empty one).
+
+    Σ(x − c)²/n = Σx²/n − 2c·Σx/n + c², from one pass over x² and x (no (G, N, D) gather of centroids).
+    """
+    C = centroids.shape[1]
+    sums, counts = accumulate_reference(x, labels, C)
+    squares, _ = accumulate_reference(x.float().square(), labels, C)
+    n = counts.clamp_min(1.0)[..., None]
+    c = centroids.float()
+    return (squares / n - 2.0 * c * sums / n + c.square()).clamp_min(0.0) * (counts > 0)[..., None]
+
+
 def objective(x, centroids, labels):
     """(G,) float32 sum of squared distances of points to their cluster's centroid."""
     own = torch.gather(centroids.float(), 1, labels.long()[..., None].expand(-1, -1, x.shape[2]))  # (G, N, D)
     return (x.float() - own).square().sum((1, 2))
 
 
-__all__ = ["kmeans", "KMeansResult", "assign", "cluster_sizes", "objective", "assign_reference", "assign_triton",
+__all__ = ["kmeans", "KMeansResult", "assign", "cluster_sizes", "cluster_variance", "objective", "assign_reference", "assign_triton",
            "accumulate_reference", "accumulate_triton", "new_centroids", "seed_plus_plus"]

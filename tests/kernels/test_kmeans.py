@@ -67,14 +67,14 @@ def test_chunked_assignment_matches_whole(monkeypatch):
     c = x[:, :50].clone()
     whole_labels, whole_dist = km.assign_reference(x, c, chunk_size=1000)
     widest = []
-    baddbmm = torch.baddbmm
+    bmm = torch.bmm
 
     def recording(*args, **kwargs):
-        out = baddbmm(*args, **kwargs)
+        out = bmm(*args, **kwargs)
         widest.append(out.shape[1])
         return out
 
-    monkeypatch.setattr(torch, "baddbmm", recording)
+    monkeypatch.setattr(torch, "bmm", recording)
     labels, dist = km.assign_reference(x, c, chunk_size=96)
     assert max(widest) == 96  # never more than chunk × C distances in memory
     assert torch.equal(labels, whole_labels)
@@ -171,3 +171,22 @@ def test_kmeans_loop_never_syncs_with_host():
         torch.cuda.set_sync_debug_mode("default")
     ref_labels, _ = km.assign_reference(x.float(), centroids)
     assert (labels == ref_labels).float().mean() > 0.95  # bf16 distances: near-ties may flip
+
+
+def test_returned_centroids_are_the_means_of_the_returned_clusters():
+    x, _ = planted(2, 300, 6, 16, spread=1.5, seed=11)
+    for iters, init in ((1, None), (3, None), (2, x[:, :6].clone())):
+        centroids, labels, _ = km.kmeans(x, 6, iters, init=init)
+        sums, counts = km.accumulate_reference(x, labels, 6)
+        filled = counts > 0
+        torch.testing.assert_close(centroids[filled], (sums / counts.clamp_min(1)[..., None])[filled])
+    # the labels are the last assignment: to the centroids before the last update
+    first = km.kmeans(x, 6, 1, init=x[:, :6].clone())
+    assert torch.equal(first.labels, km.assign_reference(x, x[:, :6])[0])
+
+
+def test_cluster_variance_about_the_centroid():
+    x = torch.tensor([[[0.0, 1.0], [2.0, 1.0], [5.0, 5.0]]])
+    labels = torch.tensor([[0, 0, 1]], dtype=torch.int32)
+    centroids = torch.tensor([[[1.0, 1.0], [5.0, 5.0], [9.0, 9.0]]])  # cluster 2 is empty
+    torch.testing.assert_close(km.cluster_variance(x, centroids, labels), torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]]))

@@ -228,11 +228,49 @@ def test_branches_and_batch_elements_keep_their_own_centroids():
 
 def test_cluster_counts_shrink_with_few_tokens():
     assert cluster_counts(30_000, 100, 500) == (100, 500)
-    assert cluster_counts(2_000, 100, 500) == (100, 250)  # at most one cluster per 8 tokens
-    assert cluster_counts(64, 100, 500) == (8, 8)
-    assert cluster_counts(5, 100, 500) == (1, 1)
+    assert cluster_counts(1_000, 100, 500) == (100, 250)  # at most one cluster per 4 tokens
+    assert cluster_counts(64, 100, 500) == (16, 16)
+    assert cluster_counts(448, 16, 64) == (16, 64)  # the embedded model's 448 tokens take 64 key clusters
+    assert cluster_counts(3, 100, 500) == (1, 1)
     layout = VideoLayout(frames=1, height=8, width=8)
     q, k = random_qk(layout, seed=11)
     _, info = sparse_attention(q, k, k, layout=layout, method="svg2")
-    assert info["stats"]["q_clusters"] == 8 and info["stats"]["k_clusters"] == 8
-    assert int(info["q_labels"].max()) < 8
+    assert info["stats"]["q_clusters"] == 16 and info["stats"]["k_clusters"] == 16
+    assert int(info["q_labels"].max()) < 16
+
+
+def test_budget_spends_where_rows_stand_farthest_from_their_mass():
+    # two query clusters of equal size; after each keeps its best key cluster, one more pair fits the budget
+    mass = torch.tensor([[[0.5, 0.4, 0.1], [0.34, 0.33, 0.33]]])
+    sizes = torch.tensor([[10, 10]]), torch.tensor([[10, 10, 10]])
+    keep = select_budget(mass, *sizes, torch.tensor([300.0]), 1)
+    # cluster 0 would gain more mass (0.4 > 0.33), but cluster 1 stands farther from its full mass:
+    # squared shortfalls 0.1² + 0.33² (this choice) against 0.5² ... 0.1² + 0.66² (the other)
+    assert keep.tolist() == [[[True, False, False], [True, True, False]]]
+
+
+def test_sampled_mass_is_the_exact_mass_when_every_row_is_sampled():
+    from vdit_sparse.methods.svg2 import sampled_mass
+
+    gen = torch.Generator().manual_seed(12)
+    G, V, D, Cq, Ck = 2, 48, 8, 4, 6
+    q, k = torch.randn(G, V, D, generator=gen), torch.randn(G, V, D, generator=gen)
+    q_labels = torch.randperm(V, generator=gen).remainder(Cq).repeat(G, 1).to(torch.int32)  # 12 tokens each
+    k_labels = torch.randint(0, Ck, (G, V), generator=gen, dtype=torch.int32)
+    probs = (q @ k.transpose(1, 2) / math.sqrt(D)).softmax(-1)  # (G, V, V)
+    exact = torch.zeros(G, Cq, Ck)
+    for g in range(G):
+        for i in range(Cq):
+            for j in range(Ck):
+                exact[g, i, j] = probs[g][q_labels[g] == i][:, k_labels[g] == j].sum(1).mean()
+    mass = sampled_mass(q, k, q_labels, k_labels, cluster_sizes(q_labels, Cq), Ck, rows=V)
+    torch.testing.assert_close(mass, exact, rtol=1e-5, atol=1e-6)
+    fewer = sampled_mass(q, k, q_labels, k_labels, cluster_sizes(q_labels, Cq), Ck, rows=8)  # 2 rows per cluster
+    torch.testing.assert_close(fewer.sum(-1), torch.ones(G, Cq))  # still each row's whole attention
+
+
+def test_sampled_rows_plan_stays_accurate_on_planted_clusters():
+    q, k, v, _ = planted_qkv(LAYOUT, batch=1, heads=2, clusters=8, seed=13)
+    out, info = sparse_attention(q, k, v, layout=LAYOUT, method="svg2", num_sampled_rows=32, num_q_clusters=8,
+                                 num_k_clusters=8)
+    assert rel_l2(out, dense_reference(q, k, v)) <= 0.03 and info["density"] <= 0.2
