@@ -1,0 +1,125 @@
+"""Benchmark the CPU path of block_sparse_attention against torch's fused dense SDPA on the same CPU.
+
+    vdit-sparse bench --kernels --device cpu                   # N 1,792 / 4,096 / 16,384, D 32 / 64, 1 and 2 threads
+    vdit-sparse bench --kernels --device cpu --sizes 4096 --head-dims 32 --threads 1 --repeats 5
+
+Inputs are (1, H, N, D) float32 (``--dtype`` for bf16), H = 6 by default, like the embedded model's
+attention. Plans are random 64 × 64 block masks over model order: each query block keeps
+round(density · nb) key blocks, so the realised density is the asked one up to a block. Every repeat
+times dense SDPA and then the sparse call back to back (wall time, one call each), so both see the same
+load; the table gives the median of the per-repeat ratios and their range. "+ stats" also returns the
+tile statistics (what tile-skip asks on every call). At N >= 16,384 each point runs ``--long-repeats``
+times (default 1): a dense call there takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+BLOCK = 64
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="vdit-sparse bench --kernels --device cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu"], default="cpu")
+    p.add_argument("--sizes", nargs="+", type=int, default=[1792, 4096, 16384], help="token counts N")
+    p.add_argument("--head-dims", nargs="+", type=int, default=[32, 64])
+    p.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.1])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--repeats", type=int, default=3, help="dense/sparse pairs timed per point")
+    p.add_argument("--long-repeats", type=int, default=1, help="pairs per point at N >= 16,384")
+    p.add_argument("--no-stats", action="store_true", help="skip the timing with tile statistics")
+    args = p.parse_args(argv)
+    bad = [f"{name}={v}" for name, vals in (("sizes", args.sizes), ("head-dims", args.head_dims), ("threads", args.threads))
+           for v in vals if v < 1]
+    bad += [f"densities={d}" for d in args.densities if not 0 < d <= 1]
+    if bad or args.repeats < 1 or args.long_repeats < 1 or args.heads < 1:
+        p.error(f"{', '.join(bad) or 'repeats/heads'}: sizes, head dims, threads, repeats and heads must be >= 1, densities in (0, 1]")
+    return args
+
+
+def random_plan(heads: int, n: int, density: float, gen: torch.Generator):
+    """A BlockPlan over (1, heads) of random 64 x 64 blocks: each query block keeps round(density · nb) key blocks."""
+    from vdit_sparse.plan import from_block_mask
+
+    nb = -(-n // BLOCK)
+    keep = max(1, round(density * nb))
+    order = torch.rand(heads, nb, nb, generator=gen).argsort(-1)[..., :keep]
+    mask = torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(2, order, True)
+    return from_block_mask(mask[None], (BLOCK, BLOCK), n)
+
+
+def wall(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure_point(q, k, v, plan, repeats: int, stats: bool) -> dict:
+    """Per repeat: dense, sparse (and sparse + stats), back to back. Ratios are dense / sparse."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from vdit_sparse.kernels import block_sparse_attention
+
+    calls = {"sparse": lambda: block_sparse_attention(q, k, v, plan)}
+    if stats:
+        calls["stats"] = lambda: block_sparse_attention(q, k, v, plan, tile_stats=True)
+    dense = lambda: scaled_dot_product_attention(q, k, v)  # noqa: E731
+    for fn in (dense, *calls.values()):  # warm-up: allocator, first-call costs
+        fn()
+    times = {"dense": [], **{name: [] for name in calls}}
+    for _ in range(repeats):
+        times["dense"].append(wall(dense))
+        for name, fn in calls.items():
+            times[name].append(wall(fn))
+    row = {"dense_ms": 1e3 * statistics.median(times["dense"])}
+    for name in calls:
+        ratios = [d / s for d, s in zip(times["dense"], times[name])]
+        row[name] = (1e3 * statistics.median(times[name]), statistics.median(ratios), min(ratios), max(ratios))
+    return row
+
+
+def print_row(r, header=False):
+    if header:
+        print("| threads | N | D | density | dense ms | sparse ms | speed-up (range) | + stats ms | speed-up (range) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    if r is None:
+        return
+    cells = [str(r["threads"]), f"{r['n']:,}", str(r["d"]), f"{r['density']:.3f}", f"{r['dense_ms']:.0f}"]
+    for name in ("sparse", "stats"):
+        if name in r:
+            ms, med, lo, hi = r[name]
+            cells += [f"{ms:.0f}", f"{med:.2f}x ({lo:.2f}-{hi:.2f})"]
+        else:
+            cells += ["-", "-"]
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    print(f"# CPU kernel benchmark: torch {torch.__version__}, {args.dtype}, batch 1, {args.heads} heads, "
+          f"{BLOCK}x{BLOCK} random block masks; ratios are dense SDPA / block_sparse_attention, same run")
+    print_row(None, header=True)
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for n in args.sizes:
+                repeats = args.long_repeats if n >= 16384 else args.repeats
+                for d in args.head_dims:
+                    gen = torch.Generator().manual_seed(n * 131 + d)
+                    q, k, v = (torch.randn(1, args.heads, n, d, generator=gen).to(dtype) for _ in range(3))
+                    for density in args.densities:
+                        plan = random_plan(args.heads, n, density, gen)
+                        row = measure_point(q, k, v, plan, repeats, stats=not args.no_stats)
+                        print_row(dict(row, threads=threads, n=n, d=d, density=float(plan.density().mean())))
+    finally:
+        torch.set_num_threads(threads_before)
+    return 0
