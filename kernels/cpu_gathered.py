@@ -27,6 +27,7 @@ import torch
 
 from vdit_sparse.plan import BlockPlan
 
+from . import cpu_compiled
 from .tiles import query_tiles
 
 # Scores of one chunk: 256 Ki floats (1 MiB) stay in a core's L2 cache through bmm, exp and bmm.
@@ -39,8 +40,10 @@ FREE_PADDING = 1 << 16
 
 
 def gathered_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, tile_stats=False, reverse=False,
-                       out=None, block_m: int = 64):
-    """(B, H, N, Dv) attention over ``plan`` (and (out, stats (G, Sq, L)) with ``tile_stats``); see block_sparse_attention."""
+                       out=None, block_m: int = 64, compiled: bool | None = None):
+    """(B, H, N, Dv) attention over ``plan`` (and (out, stats (G, Sq, L)) with ``tile_stats``); see block_sparse_attention.
+
+    ``compiled``: run the tiles through the C++ loop (cpu_compiled.py); None: when it builds, False: never."""
     B, H, N, D = q.shape
     G, Dv = plan.groups, v.shape[3]
     Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
@@ -51,7 +54,12 @@ def gathered_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, til
     work = work_list(plan, skip, reverse, block_m)
     result = torch.zeros(G * N, Dv, dtype=torch.float32, device=q.device)  # plan order; tiles with no key stay zero
     stats = torch.full((G * Sq * L,), float("-inf"), device=q.device) if tile_stats else None
-    widths, rows, blocks = work["host"]
+    module = cpu_compiled.extension() if compiled is not False else None
+    if compiled and module is None:
+        raise RuntimeError("compiled=True: the CPU extension is not available on this machine (see the notice above)")
+    if module is not None:
+        cpu_compiled.run_tiles(qp, kp, vp, work, result, stats, module)
+    widths, rows, blocks = work["host"] if module is None else ([], [], [])
     for c0, c1 in chunks(widths, rows, blocks):
         exact = widths[c0] == widths[c1 - 1]  # widths ascend: equal ends, no padded key column
         block = blocks[c0] if exact and blocks[c0] and len(set(blocks[c0:c1])) == 1 else 0
@@ -68,10 +76,11 @@ def gathered_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, til
 def _plan_rows(x, perm):
     """(G·N, D) float32 rows of x (B, H, N, D) in plan order: row g·N + i holds token perm[g, i]."""
     B, H, N, D = x.shape
-    rows = x.reshape(B * H, N, D).float()
-    if perm is not None:
-        rows = torch.gather(rows, 1, perm.long()[..., None].expand(-1, -1, D))
-    return rows.reshape(B * H * N, D)
+    rows = x.reshape(B * H * N, D).float()
+    if perm is None:
+        return rows
+    # index_select of whole rows: torch.gather with an index expanded over D was 10x slower (torch 2.13)
+    return rows.index_select(0, (torch.arange(B * H, device=x.device)[:, None] * N + perm.long()).view(-1))
 
 
 def key_lists(plan: BlockPlan, skip, reverse: bool) -> dict:
@@ -84,10 +93,10 @@ def key_lists(plan: BlockPlan, skip, reverse: bool) -> dict:
     G, Sq, L = plan.kv_index.shape
     Sk = plan.k_offsets.shape[1] - 1
     computed = plan.valid_entries() if skip is None else plan.valid_entries() & ~skip
-    seg = plan.kv_index.long().clamp(0, max(Sk - 1, 0))
-    k_off = plan.k_offsets.long()[:, None, :].expand(-1, Sq, -1)  # (G, Sq, Sk + 1)
-    lo = torch.gather(k_off, 2, seg)
-    size = torch.where(computed, torch.gather(k_off, 2, seg + 1) - lo, 0)  # (G, Sq, L)
+    seg = plan.kv_index.long().clamp(0, max(Sk - 1, 0)).view(G, Sq * L)
+    k_off = plan.k_offsets.long()  # (G, Sk + 1)
+    lo = torch.gather(k_off, 1, seg).view(G, Sq, L)
+    size = torch.where(computed, torch.gather(k_off, 1, seg + 1).view(G, Sq, L) - lo, 0)  # (G, Sq, L)
     entry = torch.arange(L, device=seg.device).expand(G, Sq, L)
     if reverse:
         lo, size, entry = lo.flip(2), size.flip(2), entry.flip(2)
@@ -102,7 +111,7 @@ def work_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
     """Query tiles sorted by key count, with everything a chunk needs precomputed, so a chunk only slices.
 
     Per tile (T rows, sorted): ``q_rows`` (T, block_m) rows of the (G·N, ·) tensors (a short tile
-    repeats its last row), and per key-list slot (T, L): ``lo`` (first row), ``size``, ``ends``, and
+    repeats its last row), ``q_first`` / ``q_end`` (T,) its first and end row, and per key-list slot (T, L): ``lo`` (first row), ``size``, ``ends``, and
     ``flat`` (its index in the (G·Sq·L,) statistics). ``host``: three lists, each tile's key count, query
     rows and slot size when all its slots share one (else 0), read in one device-to-host copy.
     """
@@ -119,6 +128,8 @@ def work_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
     dev = plan.kv_index.device
     return {
         "q_rows": base[:, None] + torch.minimum(lo[:, None] + torch.arange(block_m, device=dev), hi[:, None] - 1),
+        "q_first": base + lo,
+        "q_end": base + hi,
         "lo": base[:, None] + keys["lo"][row],
         "size": size,
         "ends": keys["ends"][row],
@@ -175,9 +186,10 @@ def _run_chunk(qp, kp, vp, work, tiles: slice, shape, result, stats):
     scores = torch.bmm(qt, kt.transpose(1, 2))  # (C, M, W)
     if not exact:
         scores.masked_fill_((col_slot == ends.shape[1])[:, None, :], float("-inf"))
-    row_max = scores.amax(2, keepdim=True)  # every tile here has a key: no row is all -inf
-    if stats is not None:
-        _record_stats(stats, scores, block, col_slot, work["flat"][tiles])
+    if stats is None:
+        row_max = scores.amax(2, keepdim=True)  # every tile here has a key: no row is all -inf
+    else:  # the statistics' per-slot maxima give the row max without another pass over the scores
+        row_max = _record_stats(stats, scores, block, col_slot, work["flat"][tiles])
     p = scores.sub_(row_max).exp_()  # in place; torch.softmax was 3x slower here (torch 2.13, 1 thread)
     o = torch.bmm(p, vt).div_(p.sum(2, keepdim=True))
     result.index_copy_(0, q_rows, o.view(C * rows, -1))  # padded rows write their twin's value
@@ -191,7 +203,8 @@ def _windows(x, size: int):
 def _record_stats(stats, scores, block, col_slot, flat):
     """Fold a chunk's scores into the flat (G·Sq·L,) statistics: per slot, max over rows of (the slot's
     max column) − (the running max after it). Slots are equal blocks of ``block`` columns, or (``block``
-    0) given per column by ``col_slot`` (C, W), L for padding. ``flat`` (C, L): each slot's stats index."""
+    0) given per column by ``col_slot`` (C, W), L for padding. ``flat`` (C, L): each slot's stats index.
+    Returns the (C, M, 1) row maxima."""
     C, M, W = scores.shape
     L = flat.shape[1]
     if block:
@@ -203,3 +216,4 @@ def _record_stats(stats, scores, block, col_slot, flat):
     running = torch.cummax(seg_max, dim=2).values  # (C, M, L) in scan order; unused slots stay -inf
     rel = torch.where(seg_max == float("-inf"), float("-inf"), seg_max - running).amax(1)  # (C, L)
     stats.scatter_reduce_(0, flat.reshape(-1), rel.view(-1), reduce="amax")
+    return running[..., -1:]

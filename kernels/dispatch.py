@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 from vdit_sparse.plan import BlockPlan, from_block_mask
 
-from . import cpu_gathered, cpu_masked, cpu_path
+from . import cpu_compiled, cpu_gathered, cpu_masked, cpu_path
 from .block_sparse_attention import block_sparse_attention_triton
 
 BACKENDS = ("auto", "triton", "torch")
-# Query segments this small on average (svg2 clusters at a few hundred tokens) go to the masked-rows
-# path: the gathered path's per-chunk work outweighs what it skips (measured, 1 thread: 448 tokens in
-# 56 clusters, 28 ms masked vs 42-63 ms gathered; 4,096 tokens in 100 clusters, 1.9 s vs 0.8-0.9 s).
+# Without the compiled loop, query segments this small on average (svg2 clusters at a few hundred
+# tokens) go to the masked-rows path: the pure-PyTorch chunks' per-chunk work outweighs what they skip
+# (measured, 1 thread: 448 tokens in 56 clusters, 28 ms masked vs 42-63 ms in chunks; 4,096 tokens in
+# 100 clusters, 1.9 s vs 0.8-0.9 s). The compiled loop has no per-chunk cost and takes every plan.
 SMALL_SEGMENT_ROWS = 16
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -57,7 +58,7 @@ def block_sparse_attention(
     if not tile_stats and skip is None and _computes_every_pair(plan):
         # density 1.0: torch's fused attention is the fastest exact answer, and model order needs no permutation
         return out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
-    if _mean_query_segment(plan) < SMALL_SEGMENT_ROWS:
+    if cpu_compiled.extension() is None and _mean_query_segment(plan) < SMALL_SEGMENT_ROWS:
         return cpu_masked.masked_rows_attention(q, k, v, plan, scale, **options)
     return cpu_gathered.gathered_attention(q, k, v, plan, scale, **options)
 

@@ -4,7 +4,7 @@ methods build, statistics included, and work in proportion to the kept pairs."""
 import pytest
 import torch
 
-from vdit_sparse.kernels import block_sparse_attention, cpu_gathered
+from vdit_sparse.kernels import block_sparse_attention, cpu_compiled, cpu_gathered
 from vdit_sparse.kernels.reference import reference_attention, reference_tile_stats
 from vdit_sparse.layout import VideoLayout
 from vdit_sparse.methods import AttentionContext
@@ -22,10 +22,18 @@ def gathered(q, k, v, plan, **kw):
     return cpu_gathered.gathered_attention(q, k, v, plan, q.shape[3] ** -0.5, **kw)
 
 
-def check(kit, gen, q, k, v, plan, *, skip=None, reverse=False, stats_tol=1e-4):
+@pytest.fixture(params=["compiled", "pytorch"])
+def path(request):
+    """Both ways of running the tiles: the C++ loop (skipped where it cannot build) and the PyTorch chunks."""
+    if request.param == "compiled" and cpu_compiled.extension() is None:
+        pytest.skip("no C++ compiler: the compiled loop cannot build here")
+    return request.param == "compiled"
+
+
+def check(kit, gen, q, k, v, plan, *, skip=None, reverse=False, stats_tol=1e-4, compiled=None):
     """The gathered path (into a NaN buffer) against the reference: output and tile statistics."""
     out = kit.poisoned(torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype))
-    got, stats = gathered(q, k, v, plan, out=out, skip=skip, tile_stats=True, reverse=reverse)
+    got, stats = gathered(q, k, v, plan, out=out, skip=skip, tile_stats=True, reverse=reverse, compiled=compiled)
     assert got is out
     ref = reference_attention(q.float(), k.float(), v.float(), plan if skip is None else plan.drop(skip))
     assert kit.rel_l2(got, ref) < kit.TOL[q.dtype]
@@ -33,19 +41,48 @@ def check(kit, gen, q, k, v, plan, *, skip=None, reverse=False, stats_tol=1e-4):
     assert torch.equal(stats.isinf(), ref_stats.isinf())
     finite = ref_stats.isfinite()
     torch.testing.assert_close(stats[finite], ref_stats[finite], atol=stats_tol, rtol=0)
-    no_stats = gathered(q, k, v, plan, skip=skip, reverse=reverse)
+    no_stats = gathered(q, k, v, plan, skip=skip, reverse=reverse, compiled=compiled)
     assert torch.equal(no_stats, got)  # statistics change nothing in the output
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_matches_reference_with_skip_and_stats(kit, gen, dtype, kind, reverse):
+def test_matches_reference_with_skip_and_stats(kit, gen, dtype, kind, reverse, path):
     N = 150
     plan = kit.make_plan(kind, 1, 3, N, gen)
     q, k, v = kit.make_qkv(1, 3, N, 16, dtype, gen)
     skip = torch.rand(plan.kv_index.shape, generator=gen) < 0.3
-    check(kit, gen, q, k, v, plan, skip=skip, reverse=reverse, stats_tol=1e-4 if dtype == torch.float32 else 1e-3)
+    check(kit, gen, q, k, v, plan, skip=skip, reverse=reverse, stats_tol=1e-4 if dtype == torch.float32 else 1e-3, compiled=path)
+
+
+def test_compiled_loop_crosses_pieces_and_threads(kit, gen, monkeypatch):
+    """Segments longer than a piece, pieces ending inside a segment, tiles split over threads."""
+    if cpu_compiled.extension() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setattr(cpu_compiled, "PIECE", 24)
+    plan = kit.make_plan("segments", 2, 2, 300, gen, density=0.7)
+    q, k, v = kit.make_qkv(2, 2, 300, 8, torch.float32, gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check(kit, gen, q, k, v, plan, skip=torch.rand(plan.kv_index.shape, generator=gen) < 0.2, reverse=True, compiled=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_without_a_compiler_one_line_then_the_pytorch_path(kit, gen, monkeypatch, capfd):
+    monkeypatch.setattr(cpu_compiled, "_STATE", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-vdit")
+    plan = kit.make_plan("perm", 1, 2, 120, gen)
+    q, k, v = kit.make_qkv(1, 2, 120, 16, torch.float32, gen)
+    out = block_sparse_attention(q, k, v, plan)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["vdit_sparse: CPU block-sparse extension not used: no C++ compiler ('no-such-compiler-vdit' not on PATH); "
+                   "running the slower pure-PyTorch path"]
+    assert kit.rel_l2(out, reference_attention(q, k, v, plan)) < 1e-5
+    block_sparse_attention(q, k, v, plan)
+    assert capfd.readouterr().err == ""  # once per process, not per call
 
 
 def test_chunks_with_padding_are_exact(kit, gen, monkeypatch):
@@ -54,7 +91,7 @@ def test_chunks_with_padding_are_exact(kit, gen, monkeypatch):
     monkeypatch.setattr(cpu_gathered, "MAX_PADDING", 0.9)
     plan = kit.make_plan("segments", 2, 2, 200, gen, density=0.6)
     q, k, v = kit.make_qkv(2, 2, 200, 8, torch.float32, gen)
-    check(kit, gen, q, k, v, plan, reverse=True)
+    check(kit, gen, q, k, v, plan, reverse=True, compiled=False)
 
 
 def test_chunking_bounds_scores_and_padding():
@@ -125,7 +162,7 @@ def test_work_follows_density(kit, gen):
     quarter = torch.zeros(B, H, nb, nb, dtype=torch.bool)
     quarter.scatter_(3, torch.rand(B, H, nb, nb, generator=gen).argsort(-1)[..., : nb // 4], True)
     plan = from_block_mask(quarter, (blk, blk), N)
-    sparse = _flops(lambda: gathered(q, k, v, plan))
+    sparse = _flops(lambda: gathered(q, k, v, plan, compiled=False))  # the C++ loop's sgemm calls are not counted
     assert sparse == 4 * B * H * N * N * D // 4
 
 

@@ -96,8 +96,9 @@ def test_chunking_does_not_change_the_result(kit, gen, monkeypatch):
 
 
 def test_cpu_dispatch_picks_the_cheaper_path(kit, gen, monkeypatch):
-    """Gathered key lists for block plans; masked dense rows for segments of a few tokens (small svg2 clusters)."""
-    from vdit_sparse.kernels import cpu_gathered, cpu_masked
+    """Without the compiled loop: gathered key lists for block plans, masked dense rows for segments of a
+    few tokens (small svg2 clusters)."""
+    from vdit_sparse.kernels import cpu_compiled, cpu_gathered, cpu_masked
     from vdit_sparse.plan import BlockPlan
 
     used = []
@@ -106,6 +107,7 @@ def test_cpu_dispatch_picks_the_cheaper_path(kit, gen, monkeypatch):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **kw: used.append(label) or real(*a, **kw))
 
+    monkeypatch.setattr(cpu_compiled, "extension", lambda: None)
     spy(cpu_gathered, "gathered_attention", "gathered")
     spy(cpu_masked, "masked_rows_attention", "masked")
     N = 256
