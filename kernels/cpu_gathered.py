@@ -1,24 +1,24 @@
-"""Block-sparse attention on the CPU in time proportional to density: each query tile's kept keys,
-gathered into one row, then whole-row softmax in batched matmuls.
+"""Block-sparse attention on the CPU in time proportional to density: each query tile's kept keys
+gathered into one softmax row, nothing else computed.
 
-A query tile (up to ``block_m`` rows of one query segment) attends to the concatenation of its listed
-key segments: ``K_t`` keys in all. Its K and V rows are gathered (one ``index_select`` each, through
-``k_perm``), so one (rows × K_t) score matrix holds the tile's whole softmax: no online rescaling, no
-mask inside the matrix, and the matmuls are as large as the plan allows. Tiles are sorted by ``K_t``
-and batched into chunks of equal (or nearly equal, padded and masked) key count whose scores fit in
-the L2 cache (``SCORE_ELEMENTS``): on one core a chunk's bmm → exp → bmm then runs at the speed of
-dense SDPA per computed pair, so the time follows the kept pairs.
+A query tile (up to ``block_m`` rows of one query segment) attends to the concatenation of its
+computed key segments, in scan order: ``K_t`` keys. q, k, v are put in plan order once (O(N·D)), so a
+segment is a run of rows. The tiles then run either through the compiled loop (``cpu_compiled.py``:
+flash attention over the kept keys, the default wherever a C++ compiler exists) or, as a fallback,
+through PyTorch chunks: tiles sorted by ``K_t``, batched into chunks of equal (or nearly equal,
+padded and masked) key count whose scores fit in the L2 cache (``SCORE_ELEMENTS``), each chunk one
+gather, bmm, max, exp, sum and bmm. Both give the same outputs and the same tile statistics.
 
-Why not online softmax over key blocks (``cpu_path.py``): its 64 × 64 matmuls and per-step
-rescaling cost as much as dense SDPA at density 0.25. Why not SDPA on the gathered keys: torch's CPU
-flash kernel cuts a 64-row query into 32-row pieces and is 1.5-2x slower per pair than on a full
-sequence. Why not FlexAttention: compiled per shape, and slower than this at every density measured
-(BENCHMARKS.md, "CPU kernel").
+Why not online softmax over 64-key tiles (``cpu_path.py``): its small matmuls and per-step rescaling
+cost as much as dense SDPA at density 0.25. Why not SDPA on the gathered keys: torch's CPU flash
+kernel cuts a 64-row query into 32-row pieces and runs 1.5-2x slower per pair than on a whole
+sequence. Why not FlexAttention: compiled per shape, and 1.7-1.8x at density 0.26 where the compiled
+loop gives about 2.5x (kernels/NOTES.md, BENCHMARKS.md "CPU kernel").
 
-The tile statistics come from the same score matrix: the max of each listed segment's columns, the
-running max in scan order (``reverse`` flips the key list), their difference, max over the tile's rows.
-Padded query rows repeat the tile's last row (same token, same keys), so they write the same output
-and the same statistics and need no mask.
+The tile statistics come from the same scores: the max of each slot's columns, the running max in
+scan order (``reverse`` flips the key list), their difference, max over the tile's rows. In the
+chunks, padded query rows repeat the tile's last row (same token, same keys), so they write the
+same output and the same statistics and need no mask.
 """
 
 from __future__ import annotations
