@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from ..errors import UserError
+
 BLOCK = 64
 
 
@@ -46,11 +48,13 @@ def parse_args(argv=None):
     p.add_argument("--no-planning", action="store_true", help="skip the planning-cost table")
     p.add_argument("--keep-cache", action="store_true", help="use the normal build cache instead of an empty one")
     args = p.parse_args(argv)
-    bad = [f"{name}={v}" for name, vals in (("sizes", args.sizes), ("head-dims", args.head_dims), ("threads", args.threads))
-           for v in vals if v < 1]
-    bad += [f"densities={d}" for d in args.densities if not 0 < d <= 1]
-    if bad or args.repeats < 1 or args.long_repeats < 1 or args.heads < 1:
-        p.error(f"{', '.join(bad) or 'repeats/heads'}: sizes, head dims, threads, repeats and heads must be >= 1, densities in (0, 1]")
+    counts = {"sizes": args.sizes, "head-dims": args.head_dims, "threads": args.threads, "repeats": [args.repeats],
+              "long-repeats": [args.long_repeats], "heads": [args.heads]}
+    for name, values in counts.items():
+        if any(v < 1 for v in values):
+            raise UserError(f"bench --kernels --device cpu: --{name} {' '.join(map(str, values))}: every value must be an int >= 1")
+    if any(not 0 < d <= 1 for d in args.densities):
+        raise UserError(f"bench --kernels --device cpu: --densities {' '.join(map(str, args.densities))}: each must lie in (0, 1]")
     return args
 
 
