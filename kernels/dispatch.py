@@ -1,22 +1,26 @@
 """``block_sparse_attention``: the public entry. Checks the arguments, then runs the plan on the Triton
-kernel (CUDA tensors; CPU ones only under TRITON_INTERPRET=1) or on a torch path (CPU)."""
+kernel (CUDA tensors; CPU ones only under TRITON_INTERPRET=1) or on a torch path (CPU): the gathered
+path (``cpu_gathered.py``), or torch's fused dense attention when the plan computes every pair."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from vdit_sparse.plan import BlockPlan, from_block_mask
 
-from . import cpu_masked, cpu_path
+from . import cpu_compiled, cpu_gathered, cpu_masked, cpu_path
 from .block_sparse_attention import block_sparse_attention_triton
 
 BACKENDS = ("auto", "triton", "torch")
+# Without the compiled loop, query segments this small on average (svg2 clusters at a few hundred
+# tokens) go to the masked-rows path: the pure-PyTorch chunks' per-chunk work outweighs what they skip
+# (measured, 1 thread: 448 tokens in 56 clusters, 28 ms masked vs 42-63 ms in chunks; 4,096 tokens in
+# 100 clusters, 1.9 s vs 0.8-0.9 s). The compiled loop has no per-chunk cost and takes every plan.
+SMALL_SEGMENT_ROWS = 16
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The tiled torch path runs when its padded work is below this share of the masked-rows path's G·N²
-# (measured on CPU, 1 thread: equal speed at density 1 with 64-blocks; 60x slower on 5-token clusters).
-TILED_WORK_SHARE = 0.75
 
 
 def block_sparse_attention(
@@ -28,7 +32,8 @@ def block_sparse_attention(
     ``plan``: a BlockPlan, or a bool block mask (B, H, ceil(N/BM), ceil(N/BN)) over model order with
     ``block_size=(BM, BN)``. q, k, v: (B, H, N, D) bf16 / fp16 / fp32, any strides; v may have its own
     head dim Dv. ``backend``: "auto" (CUDA -> Triton kernel, CPU -> torch path), "triton" (on CPU only
-    under TRITON_INTERPRET=1) or "torch" (tiles, or masked dense rows when tiles would be mostly padding).
+    under TRITON_INTERPRET=1) or "torch" (each query tile's kept keys gathered into one softmax row;
+    with ``config``, the tiled online-softmax path instead).
     ``skip``: (G, Sq, L) bool, plan entries not to compute. ``reverse``: scan each key list backwards.
     ``tile_stats``: also return stats (G, Sq, L) float32: per computed entry, its key segment's max
     scaled logit minus the row's running max after it (natural log, <= 0), max over the segment's
@@ -50,9 +55,22 @@ def block_sparse_attention(
         return block_sparse_attention_triton(q, k, v, plan, scale, config=config, **options)
     if config is not None:
         return cpu_path.block_sparse_attention_torch(q, k, v, plan, scale, block_m=config["BLOCK_M"], block_n=config["BLOCK_N"], **options)
-    if cpu_path.padded_area(plan, skip) <= TILED_WORK_SHARE * plan.groups * q.shape[2] ** 2:
-        return cpu_path.block_sparse_attention_torch(q, k, v, plan, scale, **options)
-    return cpu_masked.masked_rows_attention(q, k, v, plan, scale, **options)  # many small segments (svg2 clusters)
+    if not tile_stats and skip is None and _computes_every_pair(plan):
+        # density 1.0: torch's fused attention is the fastest exact answer, and model order needs no permutation
+        return out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
+    if cpu_compiled.extension() is None and _mean_query_segment(plan) < SMALL_SEGMENT_ROWS:
+        return cpu_masked.masked_rows_attention(q, k, v, plan, scale, **options)
+    return cpu_gathered.gathered_attention(q, k, v, plan, scale, **options)
+
+
+def _mean_query_segment(plan: BlockPlan) -> float:
+    """Mean rows per non-empty query segment."""
+    return plan.num_tokens * plan.groups / max(1, int((plan.q_offsets.diff(dim=1) > 0).sum()))
+
+
+def _computes_every_pair(plan: BlockPlan) -> bool:
+    """Whether every batch·head lists all N² pairs (segments are listed at most once per row)."""
+    return bool((plan.pairs() == float(plan.num_tokens) ** 2).all())
 
 
 def _as_plan(plan, block_size, q) -> BlockPlan:

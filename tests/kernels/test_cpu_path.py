@@ -96,8 +96,9 @@ def test_chunking_does_not_change_the_result(kit, gen, monkeypatch):
 
 
 def test_cpu_dispatch_picks_the_cheaper_path(kit, gen, monkeypatch):
-    """Tiles for block plans at low density; masked dense rows when padding tiny segments would cost more."""
-    from vdit_sparse.kernels import cpu_masked
+    """Without the compiled loop: gathered key lists for block plans, masked dense rows for segments of a
+    few tokens (small svg2 clusters)."""
+    from vdit_sparse.kernels import cpu_compiled, cpu_gathered, cpu_masked
     from vdit_sparse.plan import BlockPlan
 
     used = []
@@ -106,7 +107,8 @@ def test_cpu_dispatch_picks_the_cheaper_path(kit, gen, monkeypatch):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **kw: used.append(label) or real(*a, **kw))
 
-    spy(cpu_path, "block_sparse_attention_torch", "tiled")
+    monkeypatch.setattr(cpu_compiled, "extension", lambda: None)
+    spy(cpu_gathered, "gathered_attention", "gathered")
     spy(cpu_masked, "masked_rows_attention", "masked")
     N = 256
     q, k, v = kit.make_qkv(1, 2, N, 16, torch.float32, gen)
@@ -114,7 +116,7 @@ def test_cpu_dispatch_picks_the_cheaper_path(kit, gen, monkeypatch):
     off = torch.arange(0, N + 1, 4, dtype=torch.int32).expand(2, -1).contiguous()  # 64 clusters of 4 tokens
     count, index = kit.random_lists(off, off, 0.3, gen)
     clusters = BlockPlan(off, off, count, index, 1, 2, kit.random_perm(2, N, gen), kit.random_perm(2, N, gen), num_tokens=N)
-    for plan, expected in ((blocks, "tiled"), (clusters, "masked")):
+    for plan, expected in ((blocks, "gathered"), (clusters, "masked")):
         out, stats = block_sparse_attention(q, k, v, plan, tile_stats=True)
         assert used[-1] == expected
         assert kit.rel_l2(out, reference_attention(q, k, v, plan)) < 1e-5

@@ -1,6 +1,7 @@
 """Benchmark block_sparse_attention against dense cuDNN SDPA and FlexAttention on one GPU.
 
     vdit-sparse bench --kernels                     # both Wan shapes, all densities: one table
+    vdit-sparse bench --kernels --device cpu        # the CPU path against dense SDPA (kernels_cpu.py)
     vdit-sparse bench --kernels --shapes wan-1.3b-480p --densities 0.15 --patterns random
     python scripts/bench_kernels.py ...             # the same, from a checkout
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -35,6 +37,7 @@ BLOCK = 128
 
 def parse_args(argv=None):
     p = argument_parser(prog="vdit-sparse bench --kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the CPU benchmark (kernels_cpu.py)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.3, 0.15, 0.08])
     p.add_argument("--patterns", nargs="+", default=["random", "banded"], choices=["random", "banded"])
@@ -172,6 +175,10 @@ def print_table(rows, header=True):
 def main(argv=None) -> int:
     from . import require_cuda
 
+    if _wants_cpu(argv):
+        from . import kernels_cpu
+
+        return kernels_cpu.main(argv)
     args = parse_args(argv)
     require_cuda("--kernels")
     if not args.keep_cache:  # measure tuning from scratch; the user's cache stays untouched
@@ -188,3 +195,9 @@ def main(argv=None) -> int:
     print()
     print_table(rows)
     return 0
+
+
+def _wants_cpu(argv) -> bool:
+    """``--device cpu`` (or ``--device=cpu``) selects the CPU benchmark; this GPU one takes no --device."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return "--device=cpu" in argv or any(a == "--device" and argv[i + 1:i + 2] == ["cpu"] for i, a in enumerate(argv))
