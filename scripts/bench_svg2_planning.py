@@ -45,7 +45,7 @@ def structured_qkv(n, heads, dim, gen):
 def bench(n, args, settings):
     from vdit_sparse.layout import VideoLayout
     from vdit_sparse.methods import AttentionContext, get_method
-    from vdit_sparse.settings import settings_for
+    from vdit_sparse.methods import settings_for
 
     frames = max(1, n // 256)
     layout = VideoLayout(frames=frames, height=16, width=n // (16 * frames))

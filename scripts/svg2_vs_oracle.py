@@ -65,7 +65,7 @@ class Ours:
 
     def __init__(self, layout, settings: dict):
         from vdit_sparse.methods import get_method
-        from vdit_sparse.settings import settings_for
+        from vdit_sparse.methods import settings_for
 
         self.layout, self.method, self.states = layout, get_method("svg2")(), defaultdict(dict)
         self.settings = lambda **kw: settings_for("svg2", {**settings, **kw})

@@ -13,7 +13,7 @@ from vdit_sparse import VideoLayout, sparse_attention
 from vdit_sparse.attention import run_method
 from vdit_sparse.methods import AttentionContext
 from vdit_sparse.methods.sta import STA, build_plan, default_window, tile_counts, window_density
-from vdit_sparse.settings import settings_for
+from vdit_sparse.methods import settings_for
 
 from tests.conftest import run_tiny
 
