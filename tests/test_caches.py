@@ -213,6 +213,9 @@ def test_cli_tune_magcache_then_generate_and_compare_with_it(tmp_path, monkeypat
                  "--no-lpips", "--no-timing", "--dense-cache", "cache"]) == 0
     sweep = json.loads((tmp_path / "s" / "metrics.json").read_text())["sweep"]
     assert [p["setting"] for p in sweep] == [{"magcache.threshold": 0}, {"magcache.threshold": 10}]
+    # a sweep over caches: the ratios serve the MagCache runs, and the other caches' runs are not refused for them
+    assert main(["compare", "a red square moving right", "--attention", "dense", "--sweep", "cache=fbcache,magcache",
+                 "--tuned", "mag", *small, "--report", "c", "--no-lpips", "--no-timing", "--dense-cache", "cache"]) == 0
     assert sweep[0]["mean"]["computed_share"] == 1.0 and sweep[1]["mean"]["computed_share"] < 1.0
     assert main(["compare", "x", "--cache", "fbcache", "--sweep", "fbcache.treshold=1", "--report", "bad"]) == 2
 

@@ -185,14 +185,19 @@ def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateReques
     return req
 
 
+def command_step_caches(pairs: list[Pair]) -> set:
+    """The step caches the comparison runs: what a tuned table holding only step-cache settings may serve."""
+    from .caches import parse_cache
+
+    return {parse_cache(p.accelerated.cache)[1] for p in pairs}
+
+
 def check_requests(pairs: list[Pair], degree: int = 1) -> None:
     """Every run's config checked (model keys, tuned table, dense backend, an embedded model's size and Ulysses
     degree) before the first run starts and before the report folder is touched."""
     from .generate import preflight, resolve
 
-    from .caches import parse_cache
-
-    step_caches = {parse_cache(p.accelerated.cache)[1] for p in pairs}  # what a caches-only tuned table may serve
+    step_caches = command_step_caches(pairs)
     for req in {r.key(): r for p in pairs for r in (p.reference, p.accelerated)}.values():
         preflight(resolve(req), req, degree, step_caches)
 
@@ -212,9 +217,10 @@ def plan_pairs(args: argparse.Namespace) -> list[Pair]:
     return pairs
 
 
-def pipeline_generate_fn():
+def pipeline_generate_fn(step_caches: set | None = None):
     """``generate(req) -> GenerationResult`` that loads each pipeline once and reuses it (the untimed warm-up
-    runs of the timer take the one-off costs: CUDA init, kernel compilation and autotuning)."""
+    runs of the timer take the one-off costs: CUDA init, kernel compilation and autotuning); ``step_caches``: those
+    the whole comparison runs (a caches-only tuned table serves one of them, not necessarily this run's)."""
     from .generate import resolve, run_generation
     from .loading import load_pipeline, resolve_device, resolve_dtype
 
@@ -227,7 +233,7 @@ def pipeline_generate_fn():
         where = (cfg.model.name, str(device), str(dtype))
         if where not in pipes:
             pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype, random_weights=req.random_weights)
-        return run_generation(req, pipe=pipes[where], cfg=cfg)
+        return run_generation(req, pipe=pipes[where], cfg=cfg, step_caches=step_caches)
 
     return generate
 
@@ -526,7 +532,7 @@ def _compare(args, pairs: list[Pair], report: Path, generate_fn, load=None) -> i
     cache = parallel.main_store(RunStore(args.dense_cache or default_cache_dir()))
     runs = parallel.main_store(RunStore(report / "runs"))
     load_before = load()
-    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(), timing=not args.no_timing, repeats=args.repeats,
+    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(command_step_caches(pairs)), timing=not args.no_timing, repeats=args.repeats,
             warmup=not args.no_warmup, load=load)
     if not parallel.is_main():
         return 0

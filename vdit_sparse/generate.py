@@ -259,8 +259,10 @@ def call_pipeline(pipe, cfg, steps: int | None = None, on_step=None) -> np.ndarr
     return np.asarray(out.frames[0], dtype=np.float32)
 
 
-def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True) -> GenerationResult:
-    """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given)."""
+def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True,
+                   step_caches: set | None = None) -> GenerationResult:
+    """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given); ``step_caches``: the step
+    caches of the whole command this run belongs to, when more than its own (see :func:`preflight`)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -272,7 +274,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .pipelines.tiny import EMBEDDED, VOCAB_WORDS, unknown_words, weights_info
 
     cfg = resolve(req) if cfg is None else cfg
-    settings = preflight(cfg, req, parallel.degree())
+    settings = preflight(cfg, req, parallel.degree(), step_caches)
     m = cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
