@@ -7,6 +7,7 @@ they exercise every code path but draw noise) only when asked for.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def packaged_weights_dir(name: str = "tiny") -> Path:
     return Path(vdit_sparse.__file__).resolve().parent / "data" / name
 
 
+@functools.cache  # the shipped files do not change while a process runs; compare calls this once per run
 def weights_info(name: str) -> dict:
     """What the sidecar records about an embedded model's weights: where they are, whether they are trained
     (a shipped pipeline directory exists) and the SHA-256 of its transformer weights."""

@@ -333,7 +333,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     elif random_weights:
         config["weights"] = {"source": "random (--random-weights)", "trained": False, "sha256": None}
     else:
-        config["weights"] = weights_info(m.name)
+        config["weights"] = dict(weights_info(m.name))  # a copy: the cached answer stays as found
     config["threads"] = torch.get_num_threads()  # torch's intra-op threads during the run (--threads)
     return GenerationResult(
         frames=to_uint8(frames_float), frames_float=frames_float, wall_s=wall,

@@ -18,14 +18,6 @@ from vdit_sparse.methods import settings_for
 from tests.conftest import run_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def expected_mask(layout: VideoLayout, tile, window, slide=True) -> torch.Tensor:
     """(N, N) bool, token by token: key tile within the window of the query's tile on every axis, the window
     [lo, lo + 2w] of tiles with lo = i - w pushed back inside [0, n - 2w - 1] (``slide=False``: not pushed, cut

@@ -22,15 +22,6 @@ from vdit_sparse.methods.svg import (
 KINDS = ("spatial", "temporal")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these shapes are small: one thread is fastest, and CI runners are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def planted_qk(layout: VideoLayout, kinds, dim=64, logit=12.0, noise=1.0, seed=0):
     """q, k (B, H, N, dim) whose heads attend spatially (keys of the query's own frame) or temporally
     (keys at the query's spatial position in other frames), as ``kinds[b][h]`` says; "random" gives
