@@ -28,19 +28,20 @@ STEP_CACHES = ("fbcache", "magcache", "taylorseer", "pab", "seacache")
 THRESHOLD_SWEEPS = {"magcache": "0.02,0.03,0.04", "fbcache": "0.1,0.2,0.3", "seacache": "0.4,0.6"}
 
 
-def experiments(prompts: Path, magcache: Path, steps: int, timing: tuple = ()) -> dict[str, list[list[str]]]:
+def experiments(prompts: Path, magcache: Path, steps: int, timing: tuple = (),
+                tileskip: tuple = ("-3,-2,-1.5,-1", "16")) -> dict[str, list[list[str]]]:
     """name -> the commands (argv after ``vdit-sparse``) of one experiment; ``magcache``: ratios measured at ``steps``;
-    ``timing``: flags for every compare (--repeats N, --threads N)."""
+    ``timing``: flags for every compare (--repeats N, --threads N); ``tileskip``: the (thresholds, block sizes) swept."""
     common = ["--prompts", str(prompts), "--no-lpips", "--steps", str(steps), *timing]
     sweep_caches = ",".join(STEP_CACHES)
     return {
-        "defaults": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2", "--report", "{out}/defaults"],
+        "defaults": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2,sta", "--report", "{out}/defaults"],
                      ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--report", "{out}/tileskip"]],
-        "density": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2",
+        "density": [["compare", *common, "--attention", "svg", "--sweep", "attention=svg,svg2,sta",
                      "--sweep", "density=0.5,0.35,0.25,0.15", "--report", "{out}/density"],
-                    # tile-skip below its default threshold, at 16-token blocks: where it starts to skip here
-                    ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--sweep", "threshold=-3,-2,-1.5,-1",
-                     "--sweep", "block_size=16", "--report", "{out}/tileskip-sweep"]],
+                    # tile-skip above its default threshold, at smaller blocks: where it starts to skip here
+                    ["compare", *common, "--attention", "dense", "--cache", "tileskip", "--sweep", f"threshold={tileskip[0]}",
+                     "--sweep", f"block_size={tileskip[1]}", "--report", "{out}/tileskip-sweep"]],
         "tune": [["tune", "--attention", "svg", "--target-psnr", str(t), "--holdout", str(prompts), "--steps", str(steps),
                   *timing, "--overwrite", "--out", f"{{out}}/tuned/svg-{t}.yaml"] for t in (22, 24, 26)]
                 + [["tune", "--attention", "svg2", "--knob", "density", "--target-psnr", "26", "--holdout", str(prompts),
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side of every compare (alternated)")
     p.add_argument("--threads", type=int, help="torch's threads for every run (default: torch's; 1 on a busy machine)")
     p.add_argument("--model", default="tiny", help="the embedded model: tiny (448 tokens) or tiny-long (1,600)")
+    p.add_argument("--tileskip-thresholds", default="-3,-2,-1.5,-1", help="the density experiment's tile-skip sweep")
+    p.add_argument("--tileskip-blocks", default="16", help="block sizes of that sweep (comma-separated)")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(args.out))
@@ -164,7 +167,8 @@ def main(argv=None) -> int:
         if "caches" in todo and not magcache.exists():
             run(["tune", "--cache", "magcache", "--steps", str(steps), "--out", str(magcache), "--holdout", str(prompts),
                  "--model", args.model, *timing], log)
-        for name, commands in experiments(prompts, magcache, steps, timing).items():
+        for name, commands in experiments(prompts, magcache, steps, timing,
+                                                (args.tileskip_thresholds, args.tileskip_blocks)).items():
             if name not in todo or (name != "caches" and steps != args.steps[0]):
                 continue
             for argv in commands:
