@@ -13,7 +13,7 @@ from .errors import UserError
 def _generate(args) -> int:
     from . import parallel
     from .flags import default_out, request_from_args
-    from .generate import run_generation, sidecar
+    from .generate import prepare, run_generation, sidecar
     from .atomicfile import atomic_write_json
     from .timing import set_threads
     from .video import check_output, sidecar_path, write_video
@@ -23,7 +23,8 @@ def _generate(args) -> int:
     out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
     check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
     parallel.start(args.ulysses_degree, "generate")
-    result = run_generation(req, progress=parallel.is_main())
+    cfg, spec = prepare(req, parallel.degree())  # the run, resolved and checked once, before any model work
+    result = run_generation(req, cfg=cfg, spec=spec, progress=parallel.is_main())
     if not parallel.is_main():  # every rank generated its share of the video; rank 0 writes it
         return 0
     result.config.update(out=str(out), overwrite=bool(args.overwrite))

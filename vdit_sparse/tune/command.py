@@ -505,7 +505,6 @@ def main(argv: list[str], pipe=None) -> int:
     """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
     from ..generate import check_video_size, preflight, resolve
     from ..loading import load_pipeline, resolve_device, resolve_dtype
-    from ..policy import Policy
     from ..timing import set_threads
     from .report import write_report
 
@@ -523,7 +522,8 @@ def main(argv: list[str], pipe=None) -> int:
     if magcache:  # the runs are dense; the ratios come from diffusers' calibration mode
         base = replace(base, cache="none")
     cfg = resolve(base)
-    params = preflight(cfg, base)
+    spec = preflight(cfg, base)  # the run, resolved once; every calibration candidate starts from it
+    params = spec.settings
     device = resolve_device(cfg.device)
     if pipe is None:
         pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device),
@@ -535,13 +535,13 @@ def main(argv: list[str], pipe=None) -> int:
 
         return magcache_mode.run(args, pipe, base, cfg, cal_prompts, holdout, out)
 
-    policy = Policy(args.attention, params, cache=args.cache)
+    policy = spec.policy
     warmup = policy.warmup_count(cfg.model.steps)
     every_step = args.knob == TILESKIP_KNOB[0]  # tile-skip marks carry between steps: observe them all
     steps_seen = set(range(warmup, cfg.model.steps)) if every_step else sampled_steps(cfg.model.steps, warmup, args.sampled_steps)
     if not steps_seen:
         raise UserError(f"--warmup-steps: all {cfg.model.steps} steps are warm-up (dense); nothing to tune")
-    cands = candidates(args.attention, args.cache, args.knob, values, params)
+    cands = candidates(args.attention, args.cache, args.knob, values, params, spec.tileskip)
     recorder = Recorder(cands, None if every_step else steps_seen, share_state=not every_step)
     cal_requests = [replace(base, prompt=p) for p in cal_prompts]
     references = calibrate(pipe, cal_requests, recorder)
