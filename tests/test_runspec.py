@@ -72,7 +72,8 @@ def test_accelerate_takes_a_spec_and_nothing_beside_it(tiny_pipe):
     spec = resolve("svg", "tileskip", {"density": 0.4, "threshold": -5.0})
     acc = vs.accelerate(tiny_pipe, spec)
     acc.remove()
-    assert acc.spec is spec and acc.policy is spec.policy
+    assert acc.spec is spec and acc.policy is spec.policy and isinstance(spec, vs.RunSpec)
+    assert isinstance(spec.tileskip, vs.TileSkip)
     keywords = vs.accelerate(tiny_pipe, attention="svg", cache="tileskip", density=0.4, threshold=-5.0)
     keywords.remove()
     assert keywords.spec == spec  # the old keyword form builds the same spec
