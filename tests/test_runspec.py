@@ -107,3 +107,18 @@ def test_compare_resolves_each_run_once(tmp_path, monkeypatch):
             "--dense-cache", str(tmp_path / "cache"), "--no-timing", "--no-lpips", *SMALL]
     assert main(argv) == 0
     assert sorted(calls) == [("dense", "none"), ("svg", "none"), ("svg", "none")]  # one reference, two points
+
+
+def test_the_old_hydra_key_runs_with_one_warning_line_and_the_sidecar_records_the_cache(tmp_path, monkeypatch, capsys):
+    import json
+
+    from vdit_sparse.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red square", "--cache", "tileskip", "attention.threshold=-3", *SMALL, "--out", "v.mp4"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == ["vdit-sparse: warning: attention.threshold: a setting of the tile-skip cache since 0.3; write "
+                      "tileskip.threshold (or --threshold)"]
+    config = json.loads((tmp_path / "v.json").read_text())["config"]
+    assert config["tileskip"] == {"threshold": -3, "refresh_every": 5, "block_size": None}
+    assert "threshold" not in config["settings"]

@@ -100,10 +100,23 @@ def _main(argv: list[str]) -> int:
     return args.run(args)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """Our own warnings (a deprecated key, say) as one line for a command-line user; others as Python shows them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"vdit-sparse: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def _guarded(run) -> int:
-    """Run a command; bad input becomes one line on stderr and exit code 2."""
+    """Run a command; bad input becomes one line on stderr and exit code 2, and our warnings one line each."""
+    import functools
+    import warnings
+
     try:
-        return run() or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_one_line_warning, _default=warnings.showwarning)
+            return run() or 0
     except (UserError, ValueError) as e:
         if os.environ.get("VDIT_SPARSE_DEBUG"):
             raise
