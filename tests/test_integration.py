@@ -184,18 +184,22 @@ def test_compiled_and_eager_accelerated_pipelines_agree_without_recompiling_per_
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("cache", ["none", "tileskip"])
 def test_python_and_cli_resolve_the_same_settings(tiny_pipe, method, cache):
-    """accelerate(pipe, attention=m) and `generate --attention m` build one settings object, defaults included."""
+    """accelerate(pipe, attention=m) and `generate --attention m` resolve one RunSpec, defaults included."""
+    import dataclasses
+
     from vdit_sparse.cli import build_parser
     from vdit_sparse.flags import parse_generation_args, request_from_args
-    from vdit_sparse.generate import resolve, run_settings
+    from vdit_sparse.generate import prepare
+    from vdit_sparse.runspec import Shape
 
     args = parse_generation_args(build_parser(), ["generate", "p", "--attention", method, "--cache", cache])
-    req = request_from_args(args, "p")
-    cli = run_settings(resolve(req), req)
+    _, cli = prepare(request_from_args(args, "p"))
     acc = vs.accelerate(tiny_pipe, attention=method, cache=cache)
     acc.remove()
-    assert acc.policy.settings == cli and type(cli) is METHODS[method].Settings
-    assert cli.warmup_steps == METHODS[method].Settings().warmup_steps
+    assert cli.model == "tiny" and cli.shape.steps is not None  # what only the CLI knows: its model and shape
+    assert acc.spec == dataclasses.replace(cli, model=None, shape=Shape())  # everything else, equal
+    assert type(cli.settings) is METHODS[method].Settings and (cli.tileskip is not None) == (cache == "tileskip")
+    assert cli.settings.warmup_steps == METHODS[method].Settings().warmup_steps
 
 
 def test_python_and_cli_make_the_same_video(tiny_pipe):

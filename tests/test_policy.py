@@ -1,5 +1,6 @@
 import pytest
 
+from vdit_sparse.caches import TileSkip
 from vdit_sparse.policy import Policy
 from vdit_sparse.methods import settings_for
 
@@ -44,10 +45,22 @@ def test_fraction_without_step_count_is_a_clear_error():
 
 def test_forced_dense_calls_skip_the_cache():
     pol = Policy.build("svg", settings_for("svg", {"warmup_steps": 1}, "tileskip"), cache="tileskip")
-    assert pol.resolve(0, 0, 4)[2] is False  # a warm-up step: dense, no tile-skip
-    assert pol.resolve(0, 1, 4)[2] is True
-    assert Policy.build("svg", settings_for("svg"), cache="tileskip+magcache").resolve(0, 3, 4)[2] is True
-    assert Policy.build("svg", settings_for("svg"), cache="magcache").resolve(0, 3, 4)[2] is False
+    assert pol.resolve(0, 0, 4)[2] is None  # a warm-up step: dense, no tile-skip
+    assert pol.resolve(0, 1, 4)[2] == TileSkip()
+    assert Policy.build("svg", settings_for("svg"), cache="tileskip+magcache").resolve(0, 3, 4)[2] == TileSkip()
+    assert Policy.build("svg", settings_for("svg"), cache="magcache").resolve(0, 3, 4)[2] is None
+
+
+def test_a_tables_per_layer_threshold_sets_that_layers_tileskip_cache_only():
+    run = TileSkip(threshold=-10.0, refresh_every=3)
+    pol = Policy.build("svg", settings_for("svg", {"warmup_steps": 0}), "tileskip", {1: {"threshold": -4.0}}, run)
+    assert pol.resolve(0, 2, 4)[2] == run
+    assert pol.resolve(1, 2, 4)[2] == TileSkip(threshold=-4.0, refresh_every=3)
+    assert pol.resolve(1, 2, 4)[1] == pol.settings  # the method's settings are untouched
+    with pytest.raises(ValueError, match=r"layer 1: threshold: a tile-skip setting, used only with cache='tileskip'"):
+        Policy.build("svg", settings_for("svg"), "none", {1: {"threshold": -4.0}})
+    with pytest.raises(ValueError, match=r"layer 1: threshold=1.0: must be a log2-space bound"):
+        Policy.build("svg", settings_for("svg"), "tileskip", {1: {"threshold": 1.0}})
 
 
 def test_a_tables_per_layer_warmup_and_dense_layers_are_honoured():

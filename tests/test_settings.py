@@ -6,6 +6,7 @@ from vdit_sparse.methods import METHODS
 from vdit_sparse.methods.svg import SVGSettings
 from vdit_sparse.methods.svg2 import SVG2Settings
 from vdit_sparse.methods import settings_for
+from vdit_sparse.caches import TileSkip, tileskip_settings
 
 
 @pytest.mark.parametrize("method, key, value, match", [
@@ -29,7 +30,16 @@ def test_threshold_is_a_log2_bound_and_needs_the_cache():
         settings_for("dense", {"threshold": 2.0}, "tileskip")
     with pytest.raises(ValueError, match="threshold: a tile-skip setting, used only with cache='tileskip'"):
         settings_for("svg", {"threshold": -10.0})
-    assert settings_for("dense", {}, "tileskip").threshold == pytest.approx(-10 / 0.6931471805599453, abs=0.05)
+    assert TileSkip().threshold == pytest.approx(-10 / 0.6931471805599453, abs=0.05)
+
+
+def test_the_tileskip_knobs_are_the_caches_not_a_methods():
+    """0.3: threshold and refresh_every left every method's settings for the one typed TileSkip."""
+    for method in METHODS:
+        assert not {"threshold", "refresh_every"} & set(METHODS[method].Settings.names())
+    assert settings_for("svg", {"threshold": -3.0, "density": 0.3}, "tileskip") == settings_for("svg", {"density": 0.3})
+    with pytest.raises(ValueError, match="tileskip.nope: not a setting of the tile-skip cache"):
+        tileskip_settings("tileskip", {"nope": 1})
 
 
 def test_a_setting_the_method_does_not_use_names_the_ones_it_has():

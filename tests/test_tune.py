@@ -247,10 +247,26 @@ def test_bad_input_is_one_line(tmp_path, argv, match):
     assert "\n" not in str(e.value)
 
 
+def _job(out, **fields):
+    """A TuneJob as ``tune`` makes one, for the helpers that read it (one calibration prompt, no held-out ones)."""
+    from vdit_sparse.generate import GenerateRequest
+    from vdit_sparse.runspec import resolve
+    from vdit_sparse.tune.job import TuneJob
+
+    base = dict(values=(), target_psnr=None, target_error=None, out=out, cal_prompts=("p",), holdout=(), cost=None,
+                base=GenerateRequest(prompt="p", attention="svg"), cfg=None, spec=resolve("svg"))
+    return TuneJob(**{**base, **fields})
+
+
+def _calibration(options, cands=()):
+    """What a calibration found, as far as the search helpers read it."""
+    from vdit_sparse.tune.job import Calibration
+
+    return Calibration(list(cands), None, [None], set(), set(), 1.0, options, 1.0)
+
+
 def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch):
     """The --target-psnr loop on synthetic curves, with runs replaced by a known error -> PSNR law."""
-    import argparse
-
     from vdit_sparse.tune import command as tune
     from vdit_sparse.config import load_tuned_table
     from vdit_sparse.tune.calibrate import Candidate
@@ -272,10 +288,9 @@ def test_psnr_target_fits_searches_and_tightens_until_met(tmp_path, monkeypatch)
         return law(err) - 2.0  # the real video loses more than the fit says: the loop must tighten
 
     monkeypatch.setattr(tune, "psnr_of", fake_psnr_of)
-    args = argparse.Namespace(target_psnr=30.0, knob="density", rounds=4)
-    req = tune.GenerateRequest(prompt="p")
     out = tmp_path / "p.yaml"
-    chosen, fit = tune.tune_to_psnr(args, None, options, cands, [req], [None], out, {"model": "tiny"})
+    job = _job(out, knob="density", values=densities, target_psnr=30.0, rounds=4)
+    chosen, fit = tune.tune_to_psnr(job, None, _calibration(options, cands), {"model": "tiny"})
     assert fit["rounds"][0]["fit"] == pytest.approx([10.0, 20.0])  # the uniform runs follow the law exactly
     assert fit["met"] and len(fit["rounds"]) >= 2  # the first table missed by 2 dB
     assert fit["rounds"][-1]["psnr"] >= 30.0
@@ -303,7 +318,7 @@ def test_layer_sensitivity_weighs_each_layer_by_the_video_error_it_causes(tmp_pa
         return {0: 40.0, 1: 20.0}[sparse[0]]  # layer 1's error reaches the video 100x more
 
     monkeypatch.setattr(tune, "psnr_of", fake_psnr_of)
-    weights = tune.layer_sensitivity(None, options, [], [], out)
+    weights = tune.layer_sensitivity(_job(out, knob="density"), None, _calibration(options))
     assert len(seen) == 2 and not (tmp_path / "t.probe.yaml").exists()
     assert weights[1] / weights[0] == pytest.approx(100.0) and weights[2] == pytest.approx(1.0)
     assert (weights[0] + weights[1]) / 2 == pytest.approx(1.0)
@@ -342,13 +357,14 @@ def test_magcache_validation_times_alternately_and_flags_a_speedup_the_skipped_b
     walls = {"none": iter([9.0, 3.0, 3.05, 2.98]), "magcache": iter([9.0, 0.5, 0.51, 0.5])}  # warm-up first
     order = []
 
-    def fake_run(req, pipe=None, progress=True):
+    def fake_run(req, pipe=None, progress=True, cfg=None, spec=None):
         order.append(req.cache)
         frames = np.full((2, 8, 8, 3), 100 if req.cache == "none" else 101, np.uint8)
         computed = [{"step": 0, "computed": 0.9}] if req.cache == "magcache" else []
         return SimpleNamespace(frames=frames, wall_s=next(walls[req.cache]), computed=computed)
 
     monkeypatch.setattr(gen_module, "run_generation", fake_run)
+    monkeypatch.setattr(gen_module, "prepare", lambda req: (None, None))  # no table on disk to resolve
     monkeypatch.setattr(timing, "load_average", lambda: 0.0)  # an idle machine
     result = magcache.validate(None, [GenerateRequest(prompt="a red square")], Path("mag.yaml"), repeats=3)
     assert order == ["none", "magcache"] * 4

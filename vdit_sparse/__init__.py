@@ -27,6 +27,8 @@ _LAZY = {
     "accelerate": ("integration", "accelerate"),
     "AccelerateHandle": ("integration", "AccelerateHandle"),
     "load_pipeline": ("loading", "load_pipeline"),
+    "RunSpec": ("runspec", "RunSpec"),
+    "TileSkip": ("caches", "TileSkip"),
 }
 
 
@@ -39,4 +41,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'vdit_sparse' has no attribute {name!r}")
 
 
-__all__ = ["sparse_attention", "VideoLayout", "BlockPlan", "accelerate", "AccelerateHandle", "load_pipeline"]
+__all__ = ["sparse_attention", "VideoLayout", "BlockPlan", "accelerate", "AccelerateHandle", "load_pipeline", "RunSpec",
+           "TileSkip"]

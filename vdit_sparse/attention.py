@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .caches import TileSkip
 from .layout import VideoLayout
 from .methods import AttentionContext, Method, get_method, settings_for
 from .plan import full_plan
@@ -23,24 +24,26 @@ def check_qkv(q, k, v, layout: VideoLayout) -> None:
     layout.check(q.shape[2], "q sequence length")
 
 
-def run_method(q, k, v, ctx: AttentionContext, method: Method, settings: Settings, tileskip: bool = False):
+def run_method(q, k, v, ctx: AttentionContext, method: Method, settings: Settings, tileskip: TileSkip | None = None):
     """Plan and compute one call of q, k, v (B, H, N, D). Returns (out, info), ``info["density"]`` (B, H).
 
-    ``out`` is None when the method planned nothing (dense) and no tile-skip cache runs: the caller
-    makes its own dense call (the stock one, in a pipeline). With ``tileskip`` the plan (every block, for
-    dense) runs minus the tiles marked negligible at earlier calls of this (branch, layer), and the
-    marks are updated (vdit_sparse.tileskip).
+    This is the one way from a method to the kernel. ``out`` is None when the method planned nothing (dense)
+    and no tile-skip cache runs: the caller makes its own dense call (the stock one, in a pipeline). With
+    ``tileskip`` (the run's or the layer's TileSkip) the plan (every block, for dense) runs minus the tiles
+    marked negligible at earlier calls of this (branch, layer), and the marks are updated (vdit_sparse.tileskip).
     """
     from .kernels.ops import run_plan
 
+    if tileskip is True:  # before 0.3 a flag: the default cache
+        tileskip = TileSkip()
     plan, info = method.plan(q, k, ctx, settings, v=v)
     out = None
     if tileskip:
         if plan is None:
-            plan = full_plan(q.shape[0], q.shape[1], q.shape[2], settings.block_size, q.device)
+            plan = full_plan(q.shape[0], q.shape[1], q.shape[2], tileskip.tile(settings), q.device)
         out, plan, stats = run_with_tileskip(
-            q, k, v, plan, ctx.state, step=ctx.step, num_steps=ctx.num_steps, threshold=settings.threshold,
-            refresh_every=settings.refresh_every, identity=info.get("segment_identity"),
+            q, k, v, plan, ctx.state, step=ctx.step, num_steps=ctx.num_steps, threshold=tileskip.threshold,
+            refresh_every=tileskip.refresh_every, identity=info.get("segment_identity"),
         )
         info["stats"] = {**info.get("stats", {}), **stats}
     elif plan is not None:  # through the custom op, so torch.compile sees one opaque call with the plan as inputs

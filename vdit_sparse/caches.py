@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .registry import CACHES_GROUP, discover
-from .settings import Checked, _is_number, count, flag, fraction, nonnegative, positive_int, setting
+from .settings import Checked, Settings, _is_number, count, flag, fraction, log2_bound, nonnegative, positive_int, setting
 
 TILESKIP = "tileskip"
 
@@ -37,6 +37,37 @@ def optional_positive_int(name, v):
 def timestep_range(name, v):
     if not (isinstance(v, tuple) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] < v[1]):
         raise ValueError(f"{name}={v!r}: must be [low, high] timesteps, low < high")
+
+
+def optional_block_size(name, v):
+    if v is not None:
+        positive_int(name, v)
+
+
+@dataclass(frozen=True)
+class TileSkip(Checked):
+    """The tile-skip cache (vdit_sparse/tileskip.py): tiles found negligible at one step are not computed at later
+    ones. Its knobs are its own, not a method's; ``threshold`` and ``refresh_every`` keep their canonical names
+    (``--threshold``, ``accelerate(..., threshold=...)``, a tuned table's per-layer ``threshold``), and any field can
+    be written ``tileskip.NAME`` (``tileskip.block_size=16``)."""
+
+    name: ClassVar[str] = TILESKIP
+    threshold: float = setting(
+        -14.4, log2_bound,
+        "a tile whose largest logit is more than this many log2 units below the row maximum is skipped at later steps "
+        "(LiteAttention's unit; -14.4 = -10 in natural log)",
+    )
+    refresh_every: int = setting(5, positive_int, "calls of a (branch, layer) between full re-checks")
+    block_size: int | None = setting(None, optional_block_size,
+                                     "tokens per tile where the method plans nothing (dense); default: the method's block_size")
+
+    def tile(self, settings: Settings) -> int:
+        """Tokens per tile of the full plan that tile-skip starts from when the method plans nothing."""
+        return self.block_size or settings.block_size
+
+
+# The tile-skip knobs that keep their bare canonical names (block_size bare is the method's)
+TILESKIP_KEYS = ("threshold", "refresh_every")
 
 
 @dataclass(frozen=True)
@@ -205,6 +236,44 @@ def parse_cache(cache: str) -> tuple[bool, str | None]:
     parts = cache.split("+")
     step = [p for p in parts if p in step_caches()]
     return TILESKIP in parts, step[0] if step else None
+
+
+def split_settings(settings: dict) -> tuple[dict, dict, dict[str, dict]]:
+    """(method settings, tile-skip settings, step-cache settings by cache) of one flat request: ``threshold``,
+    ``refresh_every``, ``tileskip.NAME`` and a nested ``{"tileskip": {...}}`` are the tile-skip cache's; a step cache's
+    are namespaced (:func:`split_step_cache_settings`); the rest are the method's."""
+    plain, caches = split_step_cache_settings(settings)
+    return (*split_tileskip(plain), caches)
+
+
+def split_tileskip(settings: dict) -> tuple[dict, dict]:
+    """(the rest, tile-skip settings) of ``settings``: see :func:`split_settings`."""
+    method, tile = {}, {}
+    for key, value in settings.items():
+        head, dot, rest = key.partition(".")
+        if key in TILESKIP_KEYS:
+            tile[key] = value
+        elif head == TILESKIP and dot:
+            tile[rest] = value
+        elif key == TILESKIP and isinstance(value, dict):
+            tile.update(value)
+        else:
+            method[key] = value
+    return method, tile
+
+
+def tileskip_settings(cache: str, given: dict) -> TileSkip | None:
+    """The tile-skip cache of ``cache`` with ``given`` settings, or None when ``cache`` runs none; tile-skip
+    settings without it are an error: they would change nothing."""
+    if not parse_cache(cache)[0]:
+        if given:
+            raise ValueError(f"{', '.join(given)}: a tile-skip setting, used only with cache='tileskip' (cache is {cache!r})")
+        return None
+    unknown = sorted(set(given) - set(TileSkip.names()))
+    if unknown:
+        raise ValueError(f"tileskip.{unknown[0]}: not a setting of the tile-skip cache; its settings are "
+                         f"{', '.join(TileSkip.names())}")
+    return TileSkip(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def split_step_cache_settings(settings: dict) -> tuple[dict, dict[str, dict]]:

@@ -13,7 +13,7 @@ from .errors import UserError
 def _generate(args) -> int:
     from . import parallel
     from .flags import default_out, request_from_args
-    from .generate import run_generation, sidecar
+    from .generate import prepare, run_generation, sidecar
     from .atomicfile import atomic_write_json
     from .timing import set_threads
     from .video import check_output, sidecar_path, write_video
@@ -23,7 +23,8 @@ def _generate(args) -> int:
     out = Path(args.out) if args.out else default_out(args.prompt, args.attention)
     check_output(out, args.overwrite)  # refuse before any work, so nothing is half-done
     parallel.start(args.ulysses_degree, "generate")
-    result = run_generation(req, progress=parallel.is_main())
+    cfg, spec = prepare(req, parallel.degree())  # the run, resolved and checked once, before any model work
+    result = run_generation(req, cfg=cfg, spec=spec, progress=parallel.is_main())
     if not parallel.is_main():  # every rank generated its share of the video; rank 0 writes it
         return 0
     result.config.update(out=str(out), overwrite=bool(args.overwrite))
@@ -99,10 +100,23 @@ def _main(argv: list[str]) -> int:
     return args.run(args)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """Our own warnings (a deprecated key, say) as one line for a command-line user; others as Python shows them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"vdit-sparse: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def _guarded(run) -> int:
-    """Run a command; bad input becomes one line on stderr and exit code 2."""
+    """Run a command; bad input becomes one line on stderr and exit code 2, and our warnings one line each."""
+    import functools
+    import warnings
+
     try:
-        return run() or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_one_line_warning, _default=warnings.showwarning)
+            return run() or 0
     except (UserError, ValueError) as e:
         if os.environ.get("VDIT_SPARSE_DEBUG"):
             raise

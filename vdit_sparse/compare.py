@@ -149,10 +149,12 @@ def parse_sweep(specs: list[str]) -> list[tuple]:
 
 
 def all_setting_names() -> list[str]:
-    """Every setting of every method, shared ones first."""
+    """Every setting of every method, shared ones first, then the tile-skip cache's."""
+    from .caches import TILESKIP, TILESKIP_KEYS, TileSkip
     from .methods import METHODS
 
-    return list(dict.fromkeys(name for m in METHODS.values() for name in m.Settings.names()))
+    methods = [name for m in METHODS.values() for name in m.Settings.names()]
+    return list(dict.fromkeys([*methods, *TILESKIP_KEYS, *(f"{TILESKIP}.{n}" for n in TileSkip.names())]))
 
 
 def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
@@ -160,9 +162,9 @@ def reference_request(base: GenerateRequest, against: str) -> GenerateRequest:
 
     Hydra overrides of the attention or cache groups belong to the accelerated run only.
     """
-    from .caches import STEP_CACHES
+    from .caches import STEP_CACHES, TILESKIP
 
-    own = ("attention", "cache", "tuned", *STEP_CACHES)  # what belongs to the accelerated run only
+    own = ("attention", "cache", "tuned", TILESKIP, *STEP_CACHES)  # what belongs to the accelerated run only
     keep = tuple(o for o in base.overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in own)
     return replace(base, attention=against, cache="none", settings={}, tuned=None, overrides=keep)
 
@@ -192,17 +194,23 @@ def command_step_caches(pairs: list[Pair]) -> set:
     return {parse_cache(p.accelerated.cache)[1] for p in pairs}
 
 
-def check_requests(pairs: list[Pair], degree: int = 1) -> None:
-    """Every run's config checked (model keys, tuned table, dense backend, an embedded model's size and Ulysses
-    degree) before the first run starts and before the report folder is touched."""
-    from .generate import preflight, resolve
+def check_requests(pairs: list[Pair], degree: int = 1) -> dict:
+    """Every run resolved and checked (settings, model keys, tuned table, dense backend, an embedded model's size
+    and Ulysses degree) before the first run starts and before the report folder is touched: ``{request key:
+    (config, RunSpec)}``, which the runs then use as they are."""
+    from .generate import prepare
 
     step_caches = command_step_caches(pairs)
-    for req in {r.key(): r for p in pairs for r in (p.reference, p.accelerated)}.values():
-        preflight(resolve(req), req, degree, step_caches)
+    requests = {r.key(): r for p in pairs for r in (p.reference, p.accelerated)}
+    return {key: prepare(req, degree, step_caches) for key, req in requests.items()}
 
 
 def plan_pairs(args: argparse.Namespace) -> list[Pair]:
+    return plan(args)[0]
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Pair], dict]:
+    """The comparison's pairs, and every run resolved and checked once (:func:`check_requests`)."""
     prompts = read_prompts(args)
     settings = parse_sweep(args.sweep) if args.sweep else [()]
     pairs = []
@@ -213,27 +221,30 @@ def plan_pairs(args: argparse.Namespace) -> list[Pair]:
             tag = ",".join(f"{k}={v}" for k, v in setting)
             label = f"{prompt} [{tag}]" if tag else prompt
             pairs.append(Pair(prompt, reference, accelerated_request(base, setting), setting, label))
-    check_requests(pairs, args.ulysses_degree)
-    return pairs
+    return pairs, check_requests(pairs, args.ulysses_degree)
 
 
-def pipeline_generate_fn(step_caches: set | None = None):
+def pipeline_generate_fn(step_caches: set | None = None, prepared: dict | None = None):
     """``generate(req) -> GenerationResult`` that loads each pipeline once and reuses it (the untimed warm-up
     runs of the timer take the one-off costs: CUDA init, kernel compilation and autotuning); ``step_caches``: those
-    the whole comparison runs (a caches-only tuned table serves one of them, not necessarily this run's)."""
-    from .generate import resolve, run_generation
+    the whole comparison runs (a caches-only tuned table serves one of them, not necessarily this run's);
+    ``prepared``: each request's (config, RunSpec) by its key, resolved once by :func:`check_requests`."""
+    from .generate import prepare, run_generation
     from .loading import load_pipeline, resolve_device, resolve_dtype
 
     pipes: dict = {}
+    prepared = {} if prepared is None else prepared
 
     def generate(req: GenerateRequest):
-        cfg = resolve(req)
+        if req.key() not in prepared:
+            prepared[req.key()] = prepare(req, parallel.degree(), step_caches)
+        cfg, spec = prepared[req.key()]
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         where = (cfg.model.name, str(device), str(dtype))
         if where not in pipes:
             pipes[where] = load_pipeline(cfg.model.name, device=device, dtype=dtype, random_weights=req.random_weights)
-        return run_generation(req, pipe=pipes[where], cfg=cfg, step_caches=step_caches)
+        return run_generation(req, pipe=pipes[where], cfg=cfg, step_caches=step_caches, spec=spec)
 
     return generate
 
@@ -502,7 +513,7 @@ def main(argv: list[str], generate_fn=None, load=None) -> int:
     from .timing import set_threads
 
     args = parse_args(argv)
-    pairs = plan_pairs(args)
+    pairs, prepared = plan(args)
     args.threads = set_threads(args.threads)
     report = Path(args.report)
     parallel.start(args.ulysses_degree, "compare")
@@ -510,14 +521,15 @@ def main(argv: list[str], generate_fn=None, load=None) -> int:
         refusal = parallel.from_main(None)  # rank 0's verdict on the report folder, or they would wait forever
         if refusal:
             raise UserError(refusal)
-        return _compare(args, pairs, report, generate_fn, load)
+        return _compare(args, pairs, report, generate_fn or pipeline_generate_fn(command_step_caches(pairs), prepared), load)
     claimed = False
     try:
         with report_lock(report):
             claim_report_dir(report, identity(pairs, args.against), args.overwrite)
             claimed = True
             parallel.from_main(None)
-            return _compare(args, pairs, report, generate_fn, load)
+            return _compare(args, pairs, report, generate_fn or pipeline_generate_fn(command_step_caches(pairs), prepared),
+                            load)
     except UserError as e:
         if not claimed:
             parallel.from_main(str(e))
@@ -532,7 +544,7 @@ def _compare(args, pairs: list[Pair], report: Path, generate_fn, load=None) -> i
     cache = parallel.main_store(RunStore(args.dense_cache or default_cache_dir()))
     runs = parallel.main_store(RunStore(report / "runs"))
     load_before = load()
-    run_all(pairs, cache, runs, generate_fn or pipeline_generate_fn(command_step_caches(pairs)), timing=not args.no_timing, repeats=args.repeats,
+    run_all(pairs, cache, runs, generate_fn, timing=not args.no_timing, repeats=args.repeats,
             warmup=not args.no_warmup, load=load)
     if not parallel.is_main():
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
@@ -160,18 +161,41 @@ def load_tuned(name_or_path: str) -> tuple[dict[int, dict], dict[str, dict]]:
     return parse_tuned(data, f"tuned table {path}")
 
 
-def check_tuned_fits(name_or_path: str, attention: str, cache: str, model: str, steps: int,
-                     step_caches: set | None = None) -> None:
-    """Refuse a tuned table made for another run: its metadata's method, model and step count must be this run's,
-    and a table holding only step-cache settings needs ``cache`` to run that cache (``step_caches``: the step caches
-    the whole command runs with this table, when that is more than this run's, as in a compare sweep of caches).
-    Hand-written tables without metadata are taken as they are."""
+@dataclass(frozen=True)
+class TunedTable:
+    """A tuned table, read and parsed once: where it came from, its per-layer table, its step-cache settings and
+    its metadata (what it was tuned for)."""
+
+    source: str  # the --tuned value (a name or a path), or "dict" for a table given in Python
+    layers: dict
+    caches: dict
+    metadata: dict
+
+    @classmethod
+    def read(cls, tuned) -> "TunedTable":
+        """The table ``tuned`` names (a name or path, see :func:`find_tuned_table`), or a dict in the file's shape."""
+        if isinstance(tuned, TunedTable):
+            return tuned
+        if isinstance(tuned, dict):
+            path, data, source = "tuned", tuned, "dict"
+        else:
+            path, data = _read_tuned(str(tuned))
+            path, source = f"tuned table {path}", str(tuned)
+        layers, caches = parse_tuned(data, path)
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        return cls(source, layers, caches, meta if isinstance(meta, dict) else {})
+
+
+def check_tuned_fits(tuned, attention: str, cache: str, model: str, steps: int, step_caches: set | None = None) -> None:
+    """Refuse a tuned table (a :class:`TunedTable`, or its name or path) made for another run: its metadata's method,
+    model and step count must be this run's, and a table holding only step-cache settings needs ``cache`` to run that
+    cache (``step_caches``: the step caches the whole command runs with this table, when that is more than this run's,
+    as in a compare sweep of caches). Hand-written tables without metadata are taken as they are."""
     from .caches import parse_cache
 
-    path, data = _read_tuned(name_or_path)
-    layers, caches = parse_tuned(data, f"tuned table {path}")
-    meta = (data.get("metadata") or {}) if isinstance(data, dict) else {}
-    where = f"tuned={name_or_path!r}"
+    table = TunedTable.read(tuned)
+    layers, caches, meta = table.layers, table.caches, table.metadata
+    where = f"tuned={table.source!r}"
     used = step_caches if step_caches is not None else {parse_cache(cache)[1]}
     if caches and not layers and not (set(caches) & used):
         raise UserError(f"{where}: holds only step-cache settings ({', '.join(caches)}); run it with "

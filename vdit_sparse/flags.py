@@ -47,12 +47,13 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_help() -> str:
-    """Each method's own settings, for --help."""
+    """Each method's own settings and the tile-skip cache's, for --help."""
+    from .caches import TILESKIP_KEYS
     from .methods import METHODS
     from .settings import Settings
 
     own = "; ".join(f"{n}: {', '.join(m.Settings.own_names()) or '-'}" for n, m in METHODS.items())
-    return f"shared: {', '.join(Settings.names())}; {own}"
+    return f"shared: {', '.join(Settings.names())}; {own}; --cache tileskip: {', '.join(TILESKIP_KEYS)}, tileskip.block_size"
 
 
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # a Hydra KEY=VALUE
@@ -87,9 +88,10 @@ def read_prompt_file(path: str, flag: str) -> list[str]:
 
 
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
-    """The request of parsed flags; its settings are checked against the method now, before any model work."""
+    """The request of parsed flags; its method and cache are checked now, its settings when it is resolved
+    (vdit_sparse.generate.prepare), both before any model work."""
     from .caches import parse_cache
-    from .methods import settings_for
+    from .methods import get_method
 
     from .pipelines.tiny import EMBEDDED
 
@@ -107,7 +109,7 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
             raise UserError(f"override {o!r}: expected KEY=VALUE (e.g. attention.top_p=0.95)")
     try:
         parse_cache(args.cache)
-        settings_for(args.attention, settings, args.cache)
+        get_method(args.attention)
     except ValueError as e:
         raise UserError(str(e)) from None
     return GenerateRequest(

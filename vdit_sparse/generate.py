@@ -76,12 +76,12 @@ class GenerationResult:
 
 def _group_override(o: str) -> str:
     """``attention.KEY=V`` / ``cache.KEY=V``: added to the group (its YAML holds only the name); checked later.
-    A step cache's own setting may be written without the group: ``magcache.threshold=0.1``."""
-    from .caches import STEP_CACHES
+    A cache's own setting may be written without the group: ``magcache.threshold=0.1``, ``tileskip.threshold=-3``."""
+    from .caches import STEP_CACHES, TILESKIP
 
     key = o.split("=", 1)[0].lstrip("+")
     group, _, name = key.partition(".")
-    if group in STEP_CACHES and name:
+    if (group in STEP_CACHES or group == TILESKIP) and name:
         return f"++cache.{key}={o.split('=', 1)[1]}"
     if group in ("attention", "cache") and name and name != "name":
         return f"++{key}={o.split('=', 1)[1]}"
@@ -99,64 +99,65 @@ def resolve(req: GenerateRequest):
     return compose(req.hydra_overrides())
 
 
+def _model_section(cfg) -> dict:
+    """The model config's ``attention:`` section: method defaults by method name, and ``tileskip``'s."""
+    from omegaconf import OmegaConf
+
+    section = cfg.model.get("attention") or {}
+    return OmegaConf.to_container(section) if not isinstance(section, dict) else dict(section)
+
+
 def model_method_defaults(cfg) -> dict:
     """The settings the model config's ``attention:`` section sets for this run: its entry for the run's method,
     and its ``tileskip`` entry when the cache runs tile-skip (a model's best setting can depend on its size)."""
-    from omegaconf import OmegaConf
-
     from .caches import parse_cache
 
-    section = cfg.model.get("attention") or {}
-    section = OmegaConf.to_container(section) if not isinstance(section, dict) else section
+    section = _model_section(cfg)
     out = dict(section.get(cfg.attention.name) or {})
     if parse_cache(cfg.cache.name)[0]:
         out.update(section.get("tileskip") or {})
     return out
 
 
-def _given_settings(cfg, req: GenerateRequest | None) -> tuple[dict, dict]:
-    """(method and tile-skip settings, step-cache settings by cache): the model config's defaults for the method,
-    then the request's flags, then the config's attention.* / cache.* keys on top."""
+def _hydra_settings(cfg) -> dict:
+    """The config's ``attention.*`` and ``cache.*`` keys (Hydra overrides), as flat setting names. The tile-skip
+    knobs were once method settings: ``attention.threshold`` still works, with a warning, for ``tileskip.threshold``."""
+    import warnings
+
     from omegaconf import OmegaConf
 
-    from .caches import split_step_cache_settings
+    from .caches import TILESKIP_KEYS
 
-    given = model_method_defaults(cfg)
-    given.update(req.settings if req is not None else {})
+    given = {}
     for group in ("attention", "cache"):
-        given.update({k: v for k, v in OmegaConf.to_container(cfg[group]).items() if k != "name"})
-    return split_step_cache_settings(given)
+        for key, value in OmegaConf.to_container(cfg[group]).items():
+            if key == "name":
+                continue
+            if group == "attention" and key in TILESKIP_KEYS:
+                warnings.warn(f"attention.{key}: a setting of the tile-skip cache since 0.3; write tileskip.{key} "
+                              f"(or --{key.replace('_', '-')})", FutureWarning, stacklevel=2)
+            given[key] = value
+    return given
+
+
+def run_spec(cfg, req: GenerateRequest | None = None):
+    """The run's :class:`~vdit_sparse.runspec.RunSpec`, resolved once from the config and the request: the model
+    config's method defaults, then the request's flags, then the config's attention.* / cache.* keys; the tuned
+    table read here, once; MagCache given the run's step count."""
+    from .runspec import Shape, resolve
+
+    given = {**(req.settings if req is not None else {}), **_hydra_settings(cfg)}
+    m = cfg.model
+    try:
+        return resolve(cfg.attention.name, cfg.cache.name, given, tuned=cfg.get("tuned") or None, model=m.name,
+                       model_defaults=_model_section(cfg), shape=Shape(m.steps, m.frames, m.height, m.width))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def run_settings(cfg, req: GenerateRequest | None = None):
-    """The run's typed settings (vdit_sparse.settings), checked against the method and the cache."""
-    from .methods import settings_for
-
-    try:
-        return settings_for(cfg.attention.name, _given_settings(cfg, req)[0], cfg.cache.name)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def run_step_cache_settings(cfg, req: GenerateRequest | None = None) -> dict[str, dict]:
-    """The step-level cache's settings as accelerate() takes them ({"magcache.threshold": ..}), checked now
-    (with a tuned table's measured ones); MagCache gets the run's step count."""
-    from .caches import parse_cache, step_cache_settings
-
-    caches = _given_settings(cfg, req)[1]
-    _, name = parse_cache(cfg.cache.name)
-    if name == "magcache":
-        caches.setdefault("magcache", {}).setdefault("num_inference_steps", cfg.model.steps)
-    try:
-        tuned = {}
-        if cfg.get("tuned"):
-            from .config import load_tuned_caches
-
-            tuned = load_tuned_caches(cfg.tuned)
-        step_cache_settings(cfg.cache.name, caches, tuned)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return {f"{c}.{k}": v for c, values in caches.items() for k, v in values.items()}
+    """The run's typed method settings (vdit_sparse.settings), checked against the method and the cache."""
+    return run_spec(cfg, req).settings
 
 
 # The model group's keys and the types they take (Hydra reads "abc" or "3" as it sees fit).
@@ -164,12 +165,11 @@ MODEL_TYPES = {"name": str, "steps": int, "frames": int, "height": int, "width":
                "max_sequence_length": int, "fps": (int, float)}
 
 
-def check_run(cfg, req: GenerateRequest | None = None):
-    """Everything about a run that can be wrong before a model is loaded: the settings (returned), the types of
-    the model keys and the seed, the tuned table (parsed and checked against the method), the dense backend."""
-    from .policy import Policy
-
-    settings = run_settings(cfg, req)
+def check_run(cfg, req: GenerateRequest | None = None, spec=None):
+    """Everything about a run that can be wrong before a model is loaded: the settings, the step cache and the tuned
+    table (resolved into the returned RunSpec, unless ``spec`` is given), the types of the model keys and the seed,
+    the dense backend."""
+    spec = run_spec(cfg, req) if spec is None else spec
     for key, kind in MODEL_TYPES.items():
         value = cfg.model.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -179,14 +179,6 @@ def check_run(cfg, req: GenerateRequest | None = None):
         raise UserError(f"steps={cfg.model.steps!r}: must be a positive integer")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
-    run_step_cache_settings(cfg, req)
-    if cfg.get("tuned"):
-        from .config import load_tuned_table
-
-        try:
-            Policy.build(cfg.attention.name, settings, cfg.cache.name, load_tuned_table(cfg.tuned))
-        except ValueError as e:
-            raise UserError(f"tuned={cfg.tuned!r}: {e}") from None
     backend = cfg.get("dense_backend")
     if backend:
         from diffusers.models.attention_dispatch import AttentionBackendName
@@ -194,26 +186,32 @@ def check_run(cfg, req: GenerateRequest | None = None):
         if backend not in [b.value for b in AttentionBackendName]:
             known = ", ".join(b.value for b in AttentionBackendName if not b.value.startswith("_"))
             raise UserError(f"dense_backend={backend!r}: not a diffusers attention backend; known: {known}")
-    return settings
+    return spec
 
 
 def preflight(cfg, req: GenerateRequest | None = None, degree: int = 1, step_caches: set | None = None):
     """:func:`check_run`; whether a tuned table was made for this method, model and step count (and the step caches
     its caches section serves: ``step_caches`` when the command runs more than this run's); and for the embedded
     models, whose configs are known without loading them, the video size and the Ulysses degree: everything
-    refused before any model work. Returns the run's settings."""
+    refused before any model work. Returns the run's RunSpec."""
     from . import parallel
     from .config import check_tuned_fits
     from .pipelines.tiny import EMBEDDED, TRANSFORMER_CONFIG, embedded_size_rule
 
-    settings = check_run(cfg, req)
+    spec = check_run(cfg, req)
     m = cfg.model
-    if cfg.get("tuned"):
-        check_tuned_fits(cfg.tuned, cfg.attention.name, cfg.cache.name, m.name, m.steps, step_caches)
+    if spec.tuned is not None:
+        check_tuned_fits(spec.tuned, cfg.attention.name, cfg.cache.name, m.name, m.steps, step_caches)
     if m.name in EMBEDDED:
         check_video_size(None, m.frames, m.height, m.width, embedded_size_rule())
         parallel.check_degree(TRANSFORMER_CONFIG["num_attention_heads"], degree)
-    return settings
+    return spec
+
+
+def prepare(req: GenerateRequest, degree: int = 1, step_caches: set | None = None):
+    """(config, RunSpec) of ``req``: composed, resolved and checked once (:func:`preflight`), before any model work."""
+    cfg = resolve(req)
+    return cfg, preflight(cfg, req, degree, step_caches)
 
 
 def check_video_size(pipe, frames: int, height: int, width: int, rule: tuple | None = None) -> None:
@@ -260,9 +258,10 @@ def call_pipeline(pipe, cfg, steps: int | None = None, on_step=None) -> np.ndarr
 
 
 def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = True,
-                   step_caches: set | None = None) -> GenerationResult:
+                   step_caches: set | None = None, spec=None) -> GenerationResult:
     """Generate one video for ``req`` (loading the pipeline unless ``pipe`` is given); ``step_caches``: the step
-    caches of the whole command this run belongs to, when more than its own (see :func:`preflight`)."""
+    caches of the whole command this run belongs to, when more than its own (see :func:`preflight`). ``cfg`` and
+    ``spec``: the run's config and RunSpec when the caller resolved them already (:func:`prepare`)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -274,7 +273,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     from .pipelines.tiny import EMBEDDED, VOCAB_WORDS, unknown_words, weights_info
 
     cfg = resolve(req) if cfg is None else cfg
-    settings = preflight(cfg, req, parallel.degree(), step_caches)
+    spec = preflight(cfg, req, parallel.degree(), step_caches) if spec is None else spec
     m = cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -293,10 +292,7 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
     restore_backend = use_dense_backend(pipe, cfg.get("dense_backend"))
     try:
-        handle = accelerate(
-            pipe, attention=cfg.attention.name, cache=cfg.cache.name, tuned=cfg.tuned, compile=cfg.compile,
-            **settings.changed(), **run_step_cache_settings(cfg, req),
-        )
+        handle = accelerate(pipe, spec, compile=cfg.compile)
     except ValueError as e:
         restore_backend()
         raise UserError(str(e)) from None
@@ -325,7 +321,8 @@ def run_generation(req: GenerateRequest, pipe=None, cfg=None, progress: bool = T
     summary = summarize(table)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["device"], config["dtype"] = str(device), str(dtype).removeprefix("torch.")
-    config["settings"] = settings.as_dict()  # every setting the run used, defaults included
+    config["settings"] = spec.settings.as_dict()  # every setting the run used, defaults included
+    config["tileskip"] = None if spec.tileskip is None else spec.tileskip.as_dict()
     config["ulysses_degree"] = parallel.degree()
     config["model_method_defaults"] = model_method_defaults(cfg)  # what the model config set, before user flags
     if m.name not in EMBEDDED:  # a diffusers model: its files are the user's; hashing gigabytes is not our call

@@ -20,8 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .attention import run_method
-from .caches import parse_cache
-from .methods import METHODS, AttentionContext, settings_for
+from .methods import METHODS, AttentionContext
 from .ownership import Installed, already_accelerated_message, check_caller, check_processors, check_stands_in_for, restore
 from .pipelines import adapter_for
 from .pipelines.ulysses import check_supported, context_parallel
@@ -122,7 +121,7 @@ def check_context_parallel(transformer, policy: Policy) -> None:
     """Refuse now what the processors would refuse at the first call: a plan under ring attention, or heads
     that do not divide among the Ulysses ranks."""
     cp = context_parallel(context_parallel_config(transformer))
-    if cp is not None and (policy.method != "dense" or policy.layers or policy.tileskip):
+    if cp is not None and (policy.method != "dense" or policy.layers or policy.tileskip is not None):
         check_supported(cp, transformer.config.num_attention_heads, f"{type(transformer).__name__}")
 
 
@@ -227,6 +226,7 @@ class AccelerateHandle:
 
     def __init__(self, pipe, policy: Policy, step_cache=None):
         self.pipe, self.policy, self.step_cache = pipe, policy, step_cache
+        self.spec = None  # the RunSpec it was made from (set by accelerate)
         self.methods = {name: cls() for name, cls in METHODS.items()}  # built once: methods keep no state
         self.states = LayerStates()
         self._current: AttentionContext | None = None
@@ -297,18 +297,18 @@ class AccelerateHandle:
         the whole sequence, which under Ulysses the processor exchanges for."""
         ctx = self._call()
         method, _, tileskip = self.policy.resolve(layer, ctx.step, ctx.num_steps)
-        return method != "dense" or tileskip or bool(self._observers)
+        return method != "dense" or tileskip is not None or bool(self._observers)
 
     def _attend(self, layer, q, k, v, dense_fn, dense=False, heads=None):
         """``dense=True``: the processor needs the stock call (an input no plan can express); it is recorded.
         ``heads``: (first, total) when q, k, v hold some of the model's heads (a Ulysses rank)."""
         ctx = dataclasses.replace(self._call(), layer=layer, heads=heads)
         ctx.state = self.states.get(ctx)
-        method, settings, tileskip = ("dense", None, False) if dense else self.policy.resolve(layer, ctx.step, ctx.num_steps)
+        method, settings, tileskip = ("dense", None, None) if dense else self.policy.resolve(layer, ctx.step, ctx.num_steps)
         timer = Timer(q.device)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views, no copy
         out, info = None, {}
-        if method != "dense" or tileskip:
+        if method != "dense" or tileskip is not None:
             out, info = run_method(qt, kt, vt, ctx, self.methods[method], settings, tileskip)
         out = dense_fn(q, k, v) if out is None else out.transpose(1, 2)  # (B, N, H, D)
         density = info["density"].mean() if "density" in info else 1.0  # tensors: read at stats()
@@ -373,43 +373,41 @@ def transformers_of(pipe) -> list[tuple[str, torch.nn.Module]]:
 
 
 def accelerate(
-    pipe, attention: str = "dense", cache: str = "none", tuned=None, compile: bool | str = False, **settings
+    pipe, attention="dense", cache: str = "none", tuned=None, compile: bool | str = False, **settings
 ) -> AccelerateHandle:
     """Swap the self-attention of ``pipe``'s transformer(s) for vdit-sparse's; returns the handle.
 
-    ``attention``: a method name (``vdit_sparse.methods.METHODS``); ``cache``: none, tileskip, a diffusers
-    step-level cache (fbcache, magcache, taylorseer, fastercache, pab, seacache) or tileskip+<step cache>;
-    ``tuned``: a per-layer table (a dict ``{layer: {setting: value}}``, or the name/path of a tuned YAML,
-    whose ``caches`` section may hold e.g. MagCache's measured ratios); ``settings``: the method's settings
-    by their canonical names (density, top_p, warmup_steps, dense_layers, threshold, ...), defaults from
-    the method's settings class, the same ones the CLI uses; a step cache's own settings are namespaced,
-    ``**{"magcache.threshold": 0.1}`` or ``magcache={"threshold": 0.1}``. ``compile``: True (inductor) or
-    a torch.compile backend name: the transformers are compiled in place, with one graph break per
-    self-attention call. ``remove()`` undoes all of it, bit for bit.
+    ``attention``: a method name (``vdit_sparse.methods.METHODS``), or a resolved
+    :class:`~vdit_sparse.runspec.RunSpec` (``accelerate(pipe, spec)``; then nothing else but ``compile``);
+    ``cache``: none, tileskip, a diffusers step-level cache (fbcache, magcache, taylorseer, fastercache, pab,
+    seacache) or tileskip+<step cache>; ``tuned``: a per-layer table (a dict ``{layer: {setting: value}}``, or the
+    name/path of a tuned YAML, whose ``caches`` section may hold e.g. MagCache's measured ratios); ``settings``:
+    the method's settings by their canonical names (density, top_p, warmup_steps, dense_layers, ...), defaults
+    from the method's settings class, the same ones the CLI uses; the tile-skip cache's (threshold,
+    refresh_every, ``tileskip.block_size``); a step cache's own settings, namespaced,
+    ``**{"magcache.threshold": 0.1}`` or ``magcache={"threshold": 0.1}``. All of it resolves once into a RunSpec
+    (``handle.spec``). ``compile``: True (inductor) or a torch.compile backend name: the transformers are
+    compiled in place, with one graph break per self-attention call. ``remove()`` undoes all of it, bit for bit.
     """
-    from .caches import split_step_cache_settings, step_cache_settings
+    from .runspec import RunSpec, resolve
 
-    parse_cache(cache)
-    plain, cache_settings = split_step_cache_settings(settings)
-    resolved = settings_for(attention, plain, cache)
-    table, tuned_caches = _load_tuned(tuned) if tuned is not None else (None, {})
-    step_cache = step_cache_settings(cache, cache_settings, tuned_caches)
-    handle = AccelerateHandle(pipe, Policy.build(attention, resolved, cache, table), step_cache)
+    if isinstance(attention, RunSpec):
+        if cache != "none" or tuned is not None or settings:
+            raise ValueError("accelerate(pipe, spec): the RunSpec holds the whole request; pass no cache, tuned or "
+                             "settings beside it")
+        spec = attention
+    else:
+        spec = resolve(attention, cache, settings, tuned=tuned)
+    handle = AccelerateHandle(pipe, spec.policy, spec.step_cache)
+    handle.spec = spec
     try:
         for name, transformer in transformers_of(pipe):
             handle._wiring.install(name, transformer, handle)
-        if step_cache is not None:
-            handle._wiring.enable_step_cache(pipe, step_cache, getattr(step_cache, "num_inference_steps", None))
+        if spec.step_cache is not None:
+            handle._wiring.enable_step_cache(pipe, spec.step_cache, getattr(spec.step_cache, "num_inference_steps", None))
         if compile:
             handle._wiring.compile("inductor" if compile is True else compile)
     except Exception:
         handle.remove()
         raise
     return handle
-
-
-def _load_tuned(tuned) -> tuple[dict, dict]:
-    """(per-layer table, step-cache settings) of a tuned table given as a dict or by name/path."""
-    from .config import load_tuned, parse_tuned
-
-    return parse_tuned(tuned, "tuned") if isinstance(tuned, dict) else load_tuned(tuned)

@@ -1,10 +1,10 @@
 """Typed settings: one frozen dataclass per attention method, the only home of defaults and validation.
 
-``Settings`` holds what every method shares (where it runs dense, the tile-skip cache's knobs);
-each method module subclasses it with its own fields (``SVGSettings`` in methods/svg.py, ...).
-Python (``accelerate(pipe, attention="svg", density=0.3)``), the CLI (``--density 0.3``) and Hydra
-(``attention.density=0.3``) all end in ``vdit_sparse.methods.settings_for(method, overrides, cache)``, so one request
-gives one settings object, whichever way it came. Every field says how it is checked and what it
+``Settings`` holds what every method shares (where it runs dense, its block size); each method module
+subclasses it with its own fields (``SVGSettings`` in methods/svg.py, ...). The tile-skip cache's knobs are
+not a method's: they are ``vdit_sparse.caches.TileSkip``. Python (``accelerate(pipe, attention="svg",
+density=0.3)``), the CLI (``--density 0.3``) and Hydra (``attention.density=0.3``) all end in one
+``vdit_sparse.runspec.resolve``, so one request gives one settings object, whichever way it came. Every field says how it is checked and what it
 means in its metadata, which the CLI help and the error messages read.
 """
 
@@ -84,9 +84,6 @@ def setting(default, check, help: str):
     return field(default=default, metadata={"check": check, "help": help})
 
 
-TILESKIP_FIELDS = ("threshold", "refresh_every")
-
-
 class Checked:
     """Base of frozen settings dataclasses: YAML/JSON lists become tuples (settings are hashable) and every
     field is checked by the validator in its metadata, under the name ``label(field)`` errors show."""
@@ -105,23 +102,19 @@ class Checked:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
 
 @dataclass(frozen=True)
 class Settings(Checked):
-    """What every method shares: dense warm-up, dense layers, block size, and the tile-skip knobs."""
+    """What every method shares: dense warm-up, dense layers, block size."""
 
     method: ClassVar[str] = ""
 
     warmup_steps: float = setting(0, warmup, "first steps run dense: a count, or a fraction of the steps when < 1")
     dense_layers: int | tuple = setting(0, layers, "layers that always run dense: a count from the first, or a list")
     block_size: int = setting(64, positive_int, "tokens per block of positional patterns (svg's band, dense tile-skip)")
-    threshold: float = setting(
-        -14.4, log2_bound,
-        "tile-skip: a tile whose largest logit is more than this many log2 units below the row maximum is skipped "
-        "at later steps (LiteAttention's unit; -14.4 = -10 in natural log)",
-    )
-    refresh_every: int = setting(5, positive_int, "tile-skip: calls of a (branch, layer) between full re-checks")
-
 
     @classmethod
     def own_names(cls) -> list[str]:
@@ -152,8 +145,6 @@ class Settings(Checked):
         defaults = type(self)()
         return {k: v for k, v in asdict(self).items() if getattr(defaults, k) != v}
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def _plain(v):
@@ -172,4 +163,12 @@ def __getattr__(name: str):
         from .methods import settings_for
 
         return settings_for
+    if name == "TILESKIP_FIELDS":  # 0.3: the tile-skip knobs left the methods' settings for caches.TileSkip
+        import warnings
+
+        from .caches import TILESKIP_KEYS
+
+        warnings.warn("vdit_sparse.settings.TILESKIP_FIELDS: the tile-skip knobs are vdit_sparse.caches.TileSkip's "
+                      "fields now (caches.TILESKIP_KEYS)", DeprecationWarning, stacklevel=2)
+        return TILESKIP_KEYS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

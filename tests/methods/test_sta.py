@@ -159,7 +159,7 @@ def test_hydra_lists_and_cli_errors(tmp_path, monkeypatch, capsys):
     from vdit_sparse.generate import GenerateRequest, check_run, resolve
 
     req = GenerateRequest(prompt="a red square", attention="sta", overrides=("attention.window=[1,2,2]", "attention.tile=[2,4,4]"))
-    settings = check_run(resolve(req), req)
+    settings = check_run(resolve(req), req).settings
     assert settings.window == (1, 2, 2) and settings.tile == (2, 4, 4)
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "a red circle", "--steps", "1", "--attention", "sta", "attention.window=[1,2]"]) == 2

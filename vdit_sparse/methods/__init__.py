@@ -9,7 +9,7 @@ entry point of the group ``vdit_sparse.methods`` (vdit_sparse/registry.py). The 
 from __future__ import annotations
 
 from ..registry import METHODS_GROUP, discover
-from ..settings import TILESKIP_FIELDS, Settings
+from ..settings import Settings
 from .base import AttentionContext, Method
 from .dense import Dense
 from .sta import STA
@@ -44,15 +44,15 @@ def sparse_methods() -> list[str]:
 def settings_for(method: str, overrides: dict | None = None, cache: str = "none") -> Settings:
     """The settings of ``method`` with ``overrides`` (canonical names), checked against the method and the cache.
 
-    The tile-skip knobs are an error unless ``cache`` includes tileskip: they would change nothing.
+    Tile-skip knobs among ``overrides`` (``threshold``, ``refresh_every``) are checked as the tile-skip cache's
+    (vdit_sparse.caches.TileSkip), and are an error unless ``cache`` includes tileskip: they would change nothing.
+    A whole run (settings, tile-skip, step cache, tuned table) resolves with ``vdit_sparse.runspec.resolve``.
     """
-    overrides = dict(overrides or {})
-    settings_cls = get_method(method).Settings
-    if "tileskip" not in cache.split("+"):
-        stray = [k for k in TILESKIP_FIELDS if k in overrides]
-        if stray:
-            raise ValueError(f"{', '.join(stray)}: a tile-skip setting, used only with cache='tileskip' (cache is {cache!r})")
-    return settings_cls().updated(**overrides)
+    from ..caches import split_tileskip, tileskip_settings
+
+    own, tile = split_tileskip(dict(overrides or {}))
+    tileskip_settings(cache, tile)
+    return get_method(method).Settings().updated(**own)
 
 
 __all__ = ["AttentionContext", "Method", "METHODS", "get_method", "methods", "settings_for", "sparse_methods"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..attention import run_method
-from ..caches import parse_cache
+from ..caches import TileSkip, parse_cache
 from ..methods import METHODS, AttentionContext
 from ..settings import Settings
 from .cost import CallShape
@@ -47,30 +47,35 @@ class Candidate:
     setting: dict  # the layer's entry in the tuned table, e.g. {"density": 0.2} or {"attention": "dense"}
     method: str
     params: Settings
-    tileskip: bool  # run with the tile-skip cache
+    tileskip: TileSkip | None  # the tile-skip cache it runs with, if any
 
     @property
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.setting.items())
 
 
-def candidates(attention: str, cache: str, knob: str, values, base: Settings) -> list[Candidate]:
-    """The candidates of ``knob`` at ``values``; the density and top_p knobs also offer a dense layer.
+def candidates(attention: str, cache: str, knob: str, values, base: Settings,
+               tileskip: TileSkip | None = None) -> list[Candidate]:
+    """The candidates of ``knob`` at ``values``; the density and top_p knobs also offer a dense layer. ``tileskip``:
+    the run's tile-skip cache (default: the default one when ``cache`` runs tile-skip), whose threshold the
+    threshold knob varies.
 
     Calibration runs them in this order on one shared method state (all but the threshold knob), so
     svg2's k-means advances once per call, in the first candidate: the others reuse its centroids
     (``kmeans_iters_step=0``) and differ only in which cluster pairs they keep, as their settings do.
     """
-    shared, tileskip = knob != TILESKIP_KNOB[0], parse_cache(cache)[0]
+    shared = knob != TILESKIP_KNOB[0]
+    if parse_cache(cache)[0]:
+        tileskip = tileskip or TileSkip()
     out = []
     for i, v in enumerate(values):
-        params = base.updated(**{knob: v})
+        params = base if not shared else base.updated(**{knob: v})
         if shared and i > 0 and "kmeans_iters_step" in base.names():
             params = params.updated(kmeans_iters_step=0)
-        out.append(Candidate({knob: v}, attention, params, tileskip))
+        out.append(Candidate({knob: v}, attention, params, tileskip if shared else replace(tileskip, threshold=v)))
     if shared:
         dense = METHODS["dense"].Settings(**{k: getattr(base, k) for k in Settings.names()})
-        out.append(Candidate({"attention": "dense"}, "dense", dense, False))
+        out.append(Candidate({"attention": "dense"}, "dense", dense, None))
     return out
 
 

@@ -29,6 +29,7 @@ from ..flags import add_generation_args, parse_generation_args, read_prompt_file
 from ..generate import GenerateRequest
 from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
 from .cost import CostModel, load_cost_model
+from .job import Calibration, TuneJob
 from .search import PSNR_CAP, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
 HELP = ("find per-layer sparse-attention settings for a quality target, or (--cache magcache) measure MagCache's "
@@ -213,18 +214,28 @@ def calibrate(pipe, requests: list[GenerateRequest], recorder: Recorder) -> list
     return frames
 
 
-def generate(pipe, req: GenerateRequest, tuned: Path | None = None):
-    """run_generation of ``req`` on ``pipe``, with the tuned table at ``tuned`` if given.
+def prepare_run(req: GenerateRequest, tuned: Path | None = None) -> tuple:
+    """(request, config, RunSpec) of one run, with the tuned table at ``tuned`` if given: resolved once, for as
+    many repeats as it runs.
 
     The table is set on the resolved config, not passed as a Hydra override: configs/tuned/ is a
     directory, so Hydra reads ``tuned=...`` as a config-group choice and refuses it.
     """
-    from ..generate import resolve, run_generation
+    from ..generate import preflight, resolve
 
     cfg = resolve(req)
     if tuned is not None:
         cfg.tuned = str(tuned)
-    return run_generation(req, pipe=pipe, cfg=cfg, progress=True)  # the pipeline's own bar, under ours
+    return req, cfg, preflight(cfg, req)
+
+
+def generate(pipe, req: GenerateRequest, tuned: Path | None = None, prepared: tuple | None = None):
+    """run_generation of ``req`` on ``pipe``, with the tuned table at ``tuned`` if given (``prepared``: the run as
+    :func:`prepare_run` resolved it already)."""
+    from ..generate import run_generation
+
+    req, cfg, spec = prepared or prepare_run(req, tuned)
+    return run_generation(req, pipe=pipe, cfg=cfg, spec=spec, progress=True)  # the pipeline's own bar, under ours
 
 
 def psnr_of(pipe, requests: list[GenerateRequest], references: list[np.ndarray], desc: str,
@@ -271,21 +282,21 @@ def dense_cost(options: dict[int, list[Option]], recorder: Recorder, cost: CostM
     return sum(recorder.calls[layer] / num_runs * cost.ms("dense", 1.0, recorder.shapes[layer]) for layer in options)
 
 
-def uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, num_runs, dense_layers, sparse_share) -> float:
+def uniform_of_equal_cost(job: TuneJob, cal: Calibration, chosen: dict[int, Option]) -> float:
     """The uniform knob value whose predicted total cost matches the tuned table's."""
-    target = totals(chosen)["cost"]
-    if args.knob == "density":  # any density can run: solve Σ cost(d) = target by bisection
-        realised = {layer: _realised_density(opts, args.knob) for layer, opts in options.items()}
+    target, knob, options = totals(chosen)["cost"], job.knob, cal.options
+    if knob == "density":  # any density can run: solve Σ cost(d) = target by bisection
+        realised = {layer: _realised_density(opts, knob) for layer, opts in options.items()}
 
         def total(d):
             s = 0.0
             for layer in options:
-                shape, calls = recorder.shapes[layer], recorder.calls[layer] / num_runs
-                sparse = calls * sparse_share if layer not in dense_layers else 0.0
-                s += (calls - sparse) * cost.ms("dense", 1.0, shape) + sparse * cost.ms(args.attention, realised[layer](d), shape)
+                shape, calls = cal.recorder.shapes[layer], cal.recorder.calls[layer] / cal.num_runs
+                sparse = calls * cal.sparse_share if layer not in cal.dense_layers else 0.0
+                s += (calls - sparse) * job.cost.ms("dense", 1.0, shape) + sparse * job.cost.ms(job.attention, realised[layer](d), shape)
             return s
 
-        smallest = min(c.setting[args.knob] for c in cands if args.knob in c.setting)
+        smallest = min(c.setting[knob] for c in cal.cands if knob in c.setting)
         if total(smallest) >= target:  # the grid realises no cheaper uniform setting: compare with its cheapest
             print(f"warning: no uniform density is as cheap as the table; comparing with the cheapest candidate, {smallest}")
             return smallest
@@ -294,9 +305,9 @@ def uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, num_runs
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
         return round(lo, 4)
-    sums = {i: sum(o[i].cost for o in options.values() if len(o) > i) for i, c in enumerate(cands) if args.knob in c.setting}
+    sums = {i: sum(o[i].cost for o in options.values() if len(o) > i) for i, c in enumerate(cal.cands) if knob in c.setting}
     best = min(sums, key=lambda i: abs(sums[i] - target))
-    return cands[best].setting[args.knob]
+    return cal.cands[best].setting[knob]
 
 
 def _realised_density(opts: list[Option], knob: str):
@@ -323,38 +334,39 @@ def grid_warnings(options: dict[int, list[Option]], knob: str) -> list[str]:
     return out + same_density(realised, f"{knob} values")
 
 
-def search(args, options, target_error: float) -> dict[int, Option]:
+def search(options: dict[int, list[Option]], target_error: float) -> dict[int, Option]:
     try:
         return choose(options, target_error)
     except InfeasibleTarget as e:
         raise UserError(f"--target-error {target_error:.4g}: {e}; allow more error or add safer --values") from None
 
 
-def tune_to_psnr(args, pipe, options, cands, cal_requests, references, out: Path, meta: dict) -> tuple[dict, dict]:
+def tune_to_psnr(job: TuneJob, pipe, cal: Calibration, meta: dict) -> tuple[dict, dict]:
     """Fit PSNR against predicted error with uniform runs, then search and verify until the target holds."""
-    target = args.target_psnr
+    target, knob, options, cands, references = job.target_psnr, job.knob, cal.options, cal.cands, cal.references
+    cal_requests = job.requests(job.cal_prompts)
 
     def uniform_error(i):  # forced-dense layers have one option: they add no error
         return float(np.mean([opts[i].error if len(opts) > i else 0.0 for opts in options.values()]))
 
-    ranked = sorted((i for i, c in enumerate(cands) if args.knob in c.setting), key=uniform_error)
+    ranked = sorted((i for i, c in enumerate(cands) if knob in c.setting), key=uniform_error)
     picks = {ranked[len(ranked) // 3], ranked[(2 * len(ranked)) // 3]}  # two uniform runs spanning the middle
     points = []
     for i in sorted(picks):
-        value = cands[i].setting[args.knob]
-        reqs = [_with_settings(r, {args.knob: value}) for r in cal_requests]
+        value = cands[i].setting[knob]
+        reqs = [_with_settings(r, {knob: value}) for r in cal_requests]
         err = uniform_error(i)
-        psnr = psnr_of(pipe, reqs, references, f"fit {args.knob}={value}")
-        points.append({"setting": {args.knob: value}, "predicted_error": err, "psnr": psnr})
+        psnr = psnr_of(pipe, reqs, references, f"fit {knob}={value}")
+        points.append({"setting": {knob: value}, "predicted_error": err, "psnr": psnr})
     history = []
     error = None
-    for _ in range(args.rounds):
+    for _ in range(job.rounds):
         a, b = fit_psnr([(p["predicted_error"], p["psnr"]) for p in points + history])
         fitted = error_for_psnr(a, b, target)
         error = min(fitted, 1.0) if error is None else min(fitted, 0.7 * error)
-        chosen = search(args, options, error)
-        write_table(out, chosen, {**meta, "target": {"psnr": target, "error": error}})
-        psnr = psnr_of(pipe, cal_requests, references, f"check error {error:.3g}", tuned=out)
+        chosen = search(options, error)
+        write_table(job.out, chosen, {**meta, "target": {"psnr": target, "error": error}})
+        psnr = psnr_of(pipe, cal_requests, references, f"check error {error:.3g}", tuned=job.out)
         history.append({"predicted_error": totals(chosen)["error"], "psnr": psnr, "searched_error": error, "fit": [a, b]})
         if psnr >= target:
             break
@@ -362,7 +374,7 @@ def tune_to_psnr(args, pipe, options, cands, cal_requests, references, out: Path
     return chosen, fit
 
 
-def layer_sensitivity(pipe, options: dict[int, list[Option]], cal_requests, references, out: Path) -> dict[int, float]:
+def layer_sensitivity(job: TuneJob, pipe, cal: Calibration) -> dict[int, float]:
     """Per layer, how much of its predicted attention error reaches the video, relative to the mean layer (1.0).
 
     Layers are not alike: an error in one may wash out while the same error in another steers the whole
@@ -374,7 +386,8 @@ def layer_sensitivity(pipe, options: dict[int, list[Option]], cal_requests, refe
 
     from ..atomicfile import atomic_write
 
-    probe = out.with_name(out.stem + ".probe.yaml")
+    options, cal_requests, references = cal.options, job.requests(job.cal_prompts), cal.references
+    probe = job.out.with_name(job.out.stem + ".probe.yaml")
     raw = {}
     try:
         for layer, opts in options.items():
@@ -423,7 +436,7 @@ def _plain(x):
     return x
 
 
-def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, knob_value) -> dict:
+def validate(job: TuneJob, pipe, knob_value) -> dict:
     """Held-out prompts: PSNR against dense, wall and attention time of the tuned table and of the uniform setting,
     the three runs alternated after one warm-up each, ``--repeats`` times (vdit_sparse/timing.py)."""
     from ..compare import reference_request
@@ -431,25 +444,24 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
     from ..timing import alternate, mean_speedups, paired, verdict
 
     rows = []
-    with _bar(3 * (args.repeats + 1) * len(prompts), "validating") as bar:
-        for prompt in prompts:
-            req = replace(base, prompt=prompt)
-            runs = {
-                "dense": (reference_request(req, "dense"), None),
-                "tuned": (req, out),
-                "uniform": (_with_settings(req, {args.knob: knob_value}), None),
+    with _bar(3 * (job.repeats + 1) * len(job.holdout), "validating") as bar:
+        for req in job.requests(job.holdout):
+            runs = {  # each resolved once for its repeats
+                "dense": prepare_run(reference_request(req, "dense")),
+                "tuned": prepare_run(req, job.out),
+                "uniform": prepare_run(_with_settings(req, {job.knob: knob_value})),
             }
 
-            def run(r, tuned):
-                result = generate(pipe, r, tuned)
+            def run(prepared):
+                result = generate(pipe, prepared[0], prepared=prepared)
                 bar.update()
                 return result
 
-            series, results, loads = alternate({name: functools.partial(run, *rt) for name, rt in runs.items()},
-                                               args.repeats, seconds=lambda r: r.wall_s)
+            series, results, loads = alternate({name: functools.partial(run, r) for name, r in runs.items()},
+                                               job.repeats, seconds=lambda r: r.wall_s)
             attention = {name: float(np.median([r.attention_ms for r in rs])) for name, rs in results.items()}
             ref = results["dense"][-1]
-            row = {"prompt": prompt}
+            row = {"prompt": req.prompt}
             for name in ("tuned", "uniform"):
                 res = results[name][-1]
                 row[name] = {"psnr": min(psnr(ref.frames, res.frames), PSNR_CAP), "density": res.density,
@@ -460,115 +472,127 @@ def validate(args, pipe, base: GenerateRequest, prompts: list[str], out: Path, k
     mean = {name: {**{k: float(np.mean([r[name][k] for r in rows])) for k in ("psnr", "density", "attention_ms")},
                    **mean_speedups([r[name] for r in rows])}
             for name in ("tuned", "uniform")}
-    return {"prompts": rows, "mean": mean, "uniform_setting": {args.knob: knob_value}, "repeats": args.repeats}
+    return {"prompts": rows, "mean": mean, "uniform_setting": {job.knob: knob_value}, "repeats": job.repeats}
 
 
-def metadata(args, cfg, cost: CostModel, cal_prompts, steps_seen, chosen, dense_total) -> dict:
+def metadata(job: TuneJob, cal: Calibration, chosen: dict[int, Option]) -> dict:
     from ..generate import versions
 
-    t = totals(chosen)
-    m = cfg.model
-    return {
-        "model": args.model, "attention": args.attention, "cache": args.cache, "knob": args.knob,
-        "target": {"psnr": args.target_psnr} if args.target_psnr is not None else {"error": args.target_error},
+    t, cost, dense_total = totals(chosen), job.cost, cal.dense_total
+    m = job.cfg.model
+    meta = {
+        "model": job.base.model, "attention": job.attention, "cache": job.cache, "knob": job.knob,
+        "target": {"psnr": job.target_psnr} if job.target_psnr is not None else {"error": job.target_error},
         "predicted": {
             "mean_error": t["error"], "mean_density": t["density"], "attention_cost": t["cost"],
             "dense_attention_cost": dense_total, "attention_speedup": dense_total / max(t["cost"], 1e-12), "unit": cost.unit,
         },
         "cost_model": cost.source,
-        "calibration": {"prompts": list(cal_prompts), "steps": m.steps, "frames": m.frames, "height": m.height,
-                        "width": m.width, "seed": int(cfg.seed), "sampled_steps": sorted(steps_seen)},
+        "calibration": {"prompts": list(job.cal_prompts), "steps": m.steps, "frames": m.frames, "height": m.height,
+                        "width": m.width, "seed": int(job.cfg.seed), "sampled_steps": sorted(cal.steps_seen)},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
     }
+    if cal.weights is not None:
+        meta["layer_sensitivity"] = {layer: round(w, 4) for layer, w in cal.weights.items()}
+    return meta
 
 
 # --- the command ---------------------------------------------------------------------------------------
 
 
-def choose_table(args, pipe, options, cands, cal_requests, references, out: Path, meta_for):
-    """(chosen, metadata, PSNR fit or None) for the target, the table written to ``out``."""
+def choose_table(job: TuneJob, pipe, cal: Calibration):
+    """(chosen, metadata, PSNR fit or None) for the target, the table written to ``job.out``."""
     fit = None
-    if args.target_error is not None:
-        chosen = search(args, options, args.target_error)
-        meta = meta_for(chosen)
+    if job.target_error is not None:
+        chosen = search(cal.options, job.target_error)
+        meta = metadata(job, cal, chosen)
     else:
-        chosen, fit = tune_to_psnr(args, pipe, options, cands, cal_requests, references, out, meta_for({}))
-        meta = meta_for(chosen)
+        chosen, fit = tune_to_psnr(job, pipe, cal, metadata(job, cal, {}))
+        meta = metadata(job, cal, chosen)
         meta["target"]["error"] = fit["rounds"][-1]["searched_error"]
         meta["calibration"]["psnr"] = fit["rounds"][-1]["psnr"]
-    write_table(out, chosen, meta)
+    write_table(job.out, chosen, meta)
     return chosen, meta, fit
+
+
+def make_job(args) -> TuneJob:
+    """The checked flags as a :class:`TuneJob`: values, output path, prompts and cost model read, the run resolved
+    once (everything refused before any model work)."""
+    from ..generate import prepare
+
+    magcache = args.cache == "magcache"
+    values = () if magcache else tuple(knob_values(args))
+    out = out_path(args)
+    cal_prompts = read_prompts(args.prompts, CALIBRATION_PROMPTS, "--prompts")
+    holdout = read_prompts(args.holdout, HOLDOUT_PROMPTS, "--holdout")
+    cost = load_cost_model(args.cost_model)
+    base = request_from_args(args, cal_prompts[0])
+    if magcache:  # the runs are dense; the ratios come from diffusers' calibration mode
+        base = replace(base, cache="none")
+    cfg, spec = prepare(base)
+    return TuneJob(None if magcache else args.knob, values, args.target_psnr, args.target_error, out, tuple(cal_prompts),
+                   tuple(holdout), cost, base, cfg, spec, rounds=args.rounds, repeats=args.repeats,
+                   validate=not args.no_validate, layer_sensitivity=args.layer_sensitivity,
+                   sampled_steps=args.sampled_steps)
+
+
+def calibrate_layers(job: TuneJob, pipe) -> Calibration:
+    """Dense runs of the calibration prompts, every candidate measured per layer, and the per-layer options."""
+    policy, steps = job.spec.policy, job.steps
+    warmup = policy.warmup_count(steps)
+    every_step = job.knob == TILESKIP_KNOB[0]  # tile-skip marks carry between steps: observe them all
+    steps_seen = set(range(warmup, steps)) if every_step else sampled_steps(steps, warmup, job.sampled_steps)
+    if not steps_seen:
+        raise UserError(f"--warmup-steps: all {steps} steps are warm-up (dense); nothing to tune")
+    cands = candidates(job.attention, job.cache, job.knob, list(job.values), job.spec.settings, job.spec.tileskip)
+    recorder = Recorder(cands, None if every_step else steps_seen, share_state=not every_step)
+    references = calibrate(pipe, job.requests(job.cal_prompts), recorder)
+    dense_layers = {layer for layer in recorder.layers if policy.is_dense_layer(layer)}
+    sparse_share = (steps - warmup) / steps
+    options = layer_options(recorder, cands, job.cost, sparse_share, len(references), dense_layers)
+    cal = Calibration(cands, recorder, references, steps_seen, dense_layers, sparse_share, options,
+                      dense_cost(options, recorder, job.cost, len(references)))
+    if job.layer_sensitivity:  # each layer's errors in units of the video error they cause
+        cal.weights = layer_sensitivity(job, pipe, cal)
+        cal.options = {layer: [replace(o, error=o.error * cal.weights[layer]) for o in opts]
+                       for layer, opts in options.items()}
+    return cal
 
 
 def main(argv: list[str], pipe=None) -> int:
     """Run ``vdit-sparse tune``; ``pipe``, a loaded pipeline, replaces loading ``--model`` (tests)."""
-    from ..generate import check_video_size, preflight, resolve
+    from ..generate import check_video_size
     from ..loading import load_pipeline, resolve_device, resolve_dtype
-    from ..policy import Policy
     from ..timing import set_threads
     from .report import write_report
 
     t0 = time.perf_counter()
     args = parse_args(argv)
     check_args(args)
-    magcache = args.cache == "magcache"
-    values = None if magcache else knob_values(args)
-    out = out_path(args)
-    cal_prompts = read_prompts(args.prompts, CALIBRATION_PROMPTS, "--prompts")
-    holdout = read_prompts(args.holdout, HOLDOUT_PROMPTS, "--holdout")
-    cost = load_cost_model(args.cost_model)
-    base = request_from_args(args, cal_prompts[0])
+    job = make_job(args)
     set_threads(args.threads)
-    if magcache:  # the runs are dense; the ratios come from diffusers' calibration mode
-        base = replace(base, cache="none")
-    cfg = resolve(base)
-    params = preflight(cfg, base)
+    cfg = job.cfg
     device = resolve_device(cfg.device)
     if pipe is None:
         pipe = load_pipeline(cfg.model.name, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                             random_weights=base.random_weights)
+                             random_weights=job.base.random_weights)
     check_video_size(pipe, cfg.model.frames, cfg.model.height, cfg.model.width)
     pipe.set_progress_bar_config(disable=True)
-    if magcache:
+    if job.knob is None:
         from . import magcache as magcache_mode
 
-        return magcache_mode.run(args, pipe, base, cfg, cal_prompts, holdout, out)
+        return magcache_mode.run(job, pipe)
 
-    policy = Policy(args.attention, params, cache=args.cache)
-    warmup = policy.warmup_count(cfg.model.steps)
-    every_step = args.knob == TILESKIP_KNOB[0]  # tile-skip marks carry between steps: observe them all
-    steps_seen = set(range(warmup, cfg.model.steps)) if every_step else sampled_steps(cfg.model.steps, warmup, args.sampled_steps)
-    if not steps_seen:
-        raise UserError(f"--warmup-steps: all {cfg.model.steps} steps are warm-up (dense); nothing to tune")
-    cands = candidates(args.attention, args.cache, args.knob, values, params)
-    recorder = Recorder(cands, None if every_step else steps_seen, share_state=not every_step)
-    cal_requests = [replace(base, prompt=p) for p in cal_prompts]
-    references = calibrate(pipe, cal_requests, recorder)
-
-    dense_layers = {layer for layer in recorder.layers if policy.is_dense_layer(layer)}
-    sparse_share = (cfg.model.steps - warmup) / cfg.model.steps
-    options = layer_options(recorder, cands, cost, sparse_share, len(cal_prompts), dense_layers)
-    dense_total = dense_cost(options, recorder, cost, len(cal_prompts))
-    weights = None
-    if args.layer_sensitivity:  # each layer's errors in units of the video error they cause
-        weights = layer_sensitivity(pipe, options, cal_requests, references, out)
-        options = {layer: [replace(o, error=o.error * weights[layer]) for o in opts] for layer, opts in options.items()}
-
-    def meta_for(chosen):
-        meta = metadata(args, cfg, cost, cal_prompts, steps_seen, chosen, dense_total)
-        if weights is not None:
-            meta["layer_sensitivity"] = {layer: round(w, 4) for layer, w in weights.items()}
-        return meta
-
-    chosen, meta, fit = choose_table(args, pipe, options, cands, cal_requests, references, out, meta_for)
-    meta["warnings"] = grid_warnings(options, args.knob)
+    cal = calibrate_layers(job, pipe)
+    chosen, meta, fit = choose_table(job, pipe, cal)
+    meta["warnings"] = grid_warnings(cal.options, job.knob)
     for warning in meta["warnings"]:
         print(f"warning: {warning}")
-    uniform = uniform_of_equal_cost(args, options, chosen, recorder, cost, cands, len(cal_prompts), dense_layers, sparse_share)
-    validation = None if args.no_validate else validate(args, pipe, base, holdout, out, uniform)
-    report = write_report(out, meta, cands, options, chosen, validation, fit, {args.knob: uniform})
-    _print_summary(out, report, meta, chosen, validation, fit, cost, time.perf_counter() - t0)
+    uniform = uniform_of_equal_cost(job, cal, chosen)
+    validation = validate(job, pipe, uniform) if job.validate else None
+    report = write_report(job.out, meta, cal.cands, cal.options, chosen, validation, fit, {job.knob: uniform})
+    _print_summary(job, report, meta, chosen, validation, fit, time.perf_counter() - t0)
     return 0
 
 
@@ -584,12 +608,12 @@ def _speeds(mean: dict) -> str:
             f"{mean['reliable_entries']} of {mean['timed_entries']} timings reliable")
 
 
-def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) -> None:
+def _print_summary(job: TuneJob, report, meta, chosen, validation, fit, seconds) -> None:
     p = meta["predicted"]
     layers = ", ".join(f"{layer}: {', '.join(f'{k}={v}' for k, v in o.setting.items())}" for layer, o in chosen.items())
     print(f"tuned {len(chosen)} layers: {layers}")
     print(f"predicted: mean attention error {p['mean_error']:.4g}, mean density {p['mean_density']:.3f}, "
-          f"attention speed-up {p['attention_speedup']:.2f}x (cost model: {cost.source})")
+          f"attention speed-up {p['attention_speedup']:.2f}x (cost model: {job.cost.source})")
     if fit is not None:
         last = fit["rounds"][-1]
         verdict = "met" if fit["met"] else "NOT met"
@@ -606,4 +630,4 @@ def _print_summary(out, report, meta, chosen, validation, fit, cost, seconds) ->
             for name in ("tuned", "uniform"):
                 if not row[name]["timing_reliable"]:
                     print(f"unreliable speed-up, {name} on {row['prompt'][:48]!r}: {'; '.join(row[name]['timing_reasons'])}")
-    print(f"wrote {out} and {report} in {seconds:.0f} s")
+    print(f"wrote {job.out} and {report} in {seconds:.0f} s")

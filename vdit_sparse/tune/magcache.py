@@ -62,7 +62,7 @@ def write(path: Path, ratios: list[float], meta: dict) -> None:
 def validate(pipe, requests, table: Path, repeats: int = 3) -> dict:
     """MagCache at its default threshold with the measured ratios, against dense: PSNR, blocks computed, and the
     speed-up of the two timed alternately after one warm-up each, ``repeats`` times (vdit_sparse/timing.py)."""
-    from ..generate import run_generation
+    from ..generate import prepare, run_generation
     from ..quality import psnr
     from ..stats import computed_share
     from ..timing import alternate, mean_speedups, paired, speedup_bound, verdict
@@ -71,9 +71,11 @@ def validate(pipe, requests, table: Path, repeats: int = 3) -> dict:
     rows = []
     for req in requests:
         cached_req = replace(req, cache="magcache", tuned=str(table))
+        dense_run, cached_run = prepare(req), prepare(cached_req)  # each resolved once for its repeats
         series, results, loads = alternate(
-            {"dense": lambda: run_generation(req, pipe=pipe, progress=False),
-             "magcache": lambda: run_generation(cached_req, pipe=pipe, progress=False)},
+            {"dense": lambda: run_generation(req, pipe=pipe, progress=False, cfg=dense_run[0], spec=dense_run[1]),
+             "magcache": lambda: run_generation(cached_req, pipe=pipe, progress=False, cfg=cached_run[0],
+                                                spec=cached_run[1])},
             repeats, seconds=lambda r: r.wall_s)
         dense, cached = results["dense"][-1], results["magcache"][-1]
         share = computed_share(cached.computed)
@@ -84,27 +86,27 @@ def validate(pipe, requests, table: Path, repeats: int = 3) -> dict:
             "mean_speedup": mean_speedups(rows, ("speedup",))["speedup"], "repeats": repeats}
 
 
-def run(args, pipe, base, cfg, cal_prompts, holdout, out: Path) -> int:
+def run(job, pipe) -> int:
+    """``tune --cache magcache`` for ``job`` (a vdit_sparse.tune.job.TuneJob): measure, write, check on held-out prompts."""
     from ..generate import versions
 
     t0 = time.perf_counter()
-    steps = cfg.model.steps
-    ratios = calibrate(pipe, [replace(base, prompt=p, attention="dense", cache="none", settings={}) for p in cal_prompts],
-                       steps)
-    meta = {"model": args.model, "cache": "magcache", "steps": steps, "scheduler": type(pipe.scheduler).__name__,
-            "scheduler_shift": getattr(pipe.scheduler.config, "shift", None), "prompts": list(cal_prompts),
+    steps, out, repeats = job.steps, job.out, job.repeats
+    dense = replace(job.base, attention="dense", cache="none", settings={})
+    ratios = calibrate(pipe, [replace(dense, prompt=p) for p in job.cal_prompts], steps)
+    meta = {"model": job.base.model, "cache": "magcache", "steps": steps, "scheduler": type(pipe.scheduler).__name__,
+            "scheduler_shift": getattr(pipe.scheduler.config, "shift", None), "prompts": list(job.cal_prompts),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
     write(out, ratios, meta)
-    print(f"MagCache ratios over {len(cal_prompts)} prompts, {steps} steps: {', '.join(f'{r:.4f}' for r in ratios)}")
-    if not args.no_validate:
-        held = [replace(base, prompt=p, attention="dense", cache="none", settings={}) for p in holdout]
-        result = validate(pipe, held, out, args.repeats)
+    print(f"MagCache ratios over {len(job.cal_prompts)} prompts, {steps} steps: {', '.join(f'{r:.4f}' for r in ratios)}")
+    if job.validate:
+        result = validate(pipe, [replace(dense, prompt=p) for p in job.holdout], out, repeats)
         for row in result["prompts"]:
             share = "n/a" if row["computed_share"] is None else f"{row['computed_share']:.2f}"
             low, high = row["speedup_spread"]
             judged = "" if row["timing_reliable"] else f"; unreliable: {'; '.join(row['timing_reasons'])}"
             print(f"held-out {row['prompt'][:48]!r}: PSNR {row['psnr']:.2f} dB, blocks computed {share}, "
-                  f"speed-up {row['speedup']:.2f}x ({low:.2f}-{high:.2f}, {args.repeats} runs each alternated with "
+                  f"speed-up {row['speedup']:.2f}x ({low:.2f}-{high:.2f}, {repeats} runs each alternated with "
                   f"dense){judged}")
     print(f"wrote {out} in {time.perf_counter() - t0:.0f} s; use it with --tuned {out} --cache magcache")
     return 0
