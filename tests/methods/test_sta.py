@@ -112,6 +112,20 @@ def test_default_window_is_the_density_closest_to_a_quarter():
     assert info["window"] == [1, 0, 0] and info["density"] == pytest.approx(0.25)
 
 
+def test_density_chooses_the_closest_window_and_an_explicit_window_wins():
+    long = VideoLayout(frames=25, height=8, width=8)  # tiny-long's 1,600 tokens: 7 x 2 x 2 tiles
+    q, k, v = local_qkv(long, heads=1)
+    every = {w: window_density(long, (4, 4, 4), w) for w in itertools.product(*(range(n) for n in tile_counts(long, (4, 4, 4))))}
+    for target in (0.15, 0.5, 0.75):
+        _, info = sparse_attention(q, k, v, layout=long, method="sta", density=target)
+        assert abs(info["density"] - target) == pytest.approx(min(abs(d - target) for d in every.values()), abs=1e-6)
+        assert info["density"] == pytest.approx(every[tuple(info["window"])], abs=1e-6)
+    _, info = sparse_attention(q, k, v, layout=long, method="sta", density=0.75, window=(0, 0, 0))
+    assert info["window"] == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"density=1\.5: must be a number in \(0, 1\]"):
+        settings_for("sta", {"density": 1.5})
+
+
 def test_the_plan_is_built_once_per_layer_and_shape():
     layout = VideoLayout(frames=5, height=6, width=7)
     q, k, v = local_qkv(layout, heads=1)

@@ -19,8 +19,8 @@ Text rows and columns are computed densely.
 The plan depends only on the layout, ``tile`` and ``window``: it is built at the first call of a
 (branch, layer) and reused at every step (kept in ``ctx.state``), every head of a call sharing it.
 
-Default window: the one whose plan density (dense text included) is closest to 0.25 at the call's
-shape, the budget svg runs at; ties go to the window whose reach in tokens is most even across the
+Default window: the one whose plan density (dense text included) is closest to ``density`` (0.25, the
+budget svg runs at) at the call's shape, so sta can be compared with svg and svg2 at a requested density; ties go to the window whose reach in tokens is most even across the
 axes, then to the one that reaches further in time. The window is separable, so every candidate's
 exact density is a product of per-axis sums: choosing costs O(tiles) arithmetic, once per shape.
 ``warmup_steps`` defaults to a quarter of the steps, as svg and svg2, so the three compare at equal budget.
@@ -36,7 +36,7 @@ import torch
 
 from ..layout import VideoLayout
 from ..plan import BlockPlan, attach_text
-from ..settings import Settings, setting, warmup
+from ..settings import Settings, fraction, setting, warmup
 from .base import AttentionContext, Method
 
 DEFAULT_TILE = (4, 4, 4)
@@ -68,6 +68,9 @@ class STASettings(Settings):
     window: tuple | None = setting(
         None, window_shape,
         f"key tiles kept each way around the query's tile [wt, wh, ww]; null: the window of density closest to {DEFAULT_DENSITY}")
+    density: float = setting(
+        DEFAULT_DENSITY, fraction,
+        "the plan density the default window aims at (used when window is null; the closest window wins)")
     warmup_steps: float = setting(0.25, warmup, "first steps run dense: a count, or a fraction of the steps when < 1")
 
 
@@ -84,10 +87,10 @@ class STA(Method):
         layout = ctx.layout
         layout.check(q.shape[2], "q sequence length")
         B, H = q.shape[:2]
-        key = (layout, params.tile, params.window, B, H, str(q.device))
+        key = (layout, params.tile, params.window, params.density, B, H, str(q.device))
         cached = ctx.state.get("sta")
         if cached is None or cached[0] != key:  # the plan depends on shapes and settings only: once per layer
-            window = params.window if params.window is not None else default_window(layout, params.tile)
+            window = params.window if params.window is not None else default_window(layout, params.tile, params.density)
             plan = build_plan(layout, params.tile, window, B, H, params.block_size, q.device)
             cached = ctx.state["sta"] = (key, plan, list(window))
         return cached[1], {"window": cached[2]}
