@@ -44,34 +44,62 @@ def gathered_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, til
     """(B, H, N, Dv) attention over ``plan`` (and (out, stats (G, Sq, L)) with ``tile_stats``); see block_sparse_attention.
 
     ``compiled``: run the tiles through the C++ loop (cpu_compiled.py); None: when it builds, False: never."""
+    module = cpu_compiled.extension() if compiled is not False else None
+    if compiled and module is None:
+        raise RuntimeError("compiled=True: the CPU extension is not available on this machine (see the notice above)")
+    if out is None:
+        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    G, N = plan.groups, plan.num_tokens
+    Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
+    stats = torch.full((G * Sq * L,), float("-inf"), device=q.device) if tile_stats else None
+    if module is not None:
+        _compiled(q, k, v, plan, scale, tile_list(plan, skip, reverse, block_m), out, stats, module)
+    else:
+        _chunked(q, k, v, plan, scale, work_list(plan, skip, reverse, block_m), out, stats)
+    return (out, stats.view(G, Sq, L)) if tile_stats else out
+
+
+def _compiled(q, k, v, plan: BlockPlan, scale: float, tiles: dict, out, stats, module) -> None:
+    """The tiles through the C++ loop: it reads q and writes out in model order (through the query
+    permutation itself, scale folded in), so neither is copied when they are float32 and contiguous."""
     B, H, N, D = q.shape
     G, Dv = plan.groups, v.shape[3]
-    Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
+    q_model = q.reshape(G * N, D).float().contiguous()
+    kp, vp = (_plan_rows(x, plan.k_perm).contiguous() for x in (k, v))
+    direct = out.dtype == torch.float32 and out.is_contiguous()
+    result = out.view(G * N, Dv) if direct else torch.empty(G * N, Dv, device=q.device)
+    cpu_compiled.run_tiles(q_model, kp, vp, _model_rows(plan), tiles, result, stats, scale, module)
+    if not direct:
+        out.copy_(result.view(B, H, N, Dv))
+
+
+def _chunked(q, k, v, plan: BlockPlan, scale: float, work: dict, out, stats) -> None:
+    """The tiles through PyTorch chunks (no C++ compiler): in plan order, permuted back at the end."""
+    B, H, N, D = q.shape
+    G, Dv = plan.groups, v.shape[3]
     # (G·N, ·) float32 rows in plan order, scale folded into q: permuted once here, O(N·D), so every
     # segment is a run of consecutive rows and a block of keys is gathered as one piece
     qp = _plan_rows(q, plan.q_perm) * scale
     kp, vp = _plan_rows(k, plan.k_perm), _plan_rows(v, plan.k_perm)
-    work = work_list(plan, skip, reverse, block_m)
     result = torch.zeros(G * N, Dv, dtype=torch.float32, device=q.device)  # plan order; tiles with no key stay zero
-    stats = torch.full((G * Sq * L,), float("-inf"), device=q.device) if tile_stats else None
-    module = cpu_compiled.extension() if compiled is not False else None
-    if compiled and module is None:
-        raise RuntimeError("compiled=True: the CPU extension is not available on this machine (see the notice above)")
-    if module is not None:
-        cpu_compiled.run_tiles(qp, kp, vp, work, result, stats, module)
-    widths, rows, blocks = work["host"] if module is None else ([], [], [])
+    widths, rows, blocks = work["host"]
     for c0, c1 in chunks(widths, rows, blocks):
         exact = widths[c0] == widths[c1 - 1]  # widths ascend: equal ends, no padded key column
         block = blocks[c0] if exact and blocks[c0] and len(set(blocks[c0:c1])) == 1 else 0
         _run_chunk(qp, kp, vp, work, slice(c0, c1), (widths[c1 - 1], max(rows[c0:c1]), block, exact), result, stats)
     if plan.q_perm is not None:  # plan order back to model order: a gather through the inverse permutation
-        rows = (torch.arange(G, device=q.device)[:, None] * N + plan.q_perm.long()).view(-1)  # plan row -> model row
+        rows = _model_rows(plan)
         inverse = torch.empty_like(rows).scatter_(0, rows, torch.arange(G * N, device=q.device))
         result = result.index_select(0, inverse)  # index_copy_ of rows was 50x slower than this (torch 2.13)
-    if out is None:
-        out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     out.copy_(result.view(B, H, N, Dv))
-    return (out, stats.view(G, Sq, L)) if tile_stats else out
+
+
+def _model_rows(plan: BlockPlan):
+    """(G·N,) int64: the model row of each plan row, or None without a query permutation."""
+    if plan.q_perm is None:
+        return None
+    G, N = plan.groups, plan.num_tokens
+    return (torch.arange(G, device=plan.q_perm.device)[:, None] * N + plan.q_perm.long()).view(-1)
 
 
 def _plan_rows(x, perm):
@@ -108,35 +136,43 @@ def key_lists(plan: BlockPlan, skip, reverse: bool) -> dict:
     return {"lo": lo, "ends": ends, "size": size, "entry": entry, "total": ends[:, -1]}
 
 
-def work_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
-    """Query tiles sorted by key count, with everything a chunk needs precomputed, so a chunk only slices.
+def tile_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
+    """Query tiles sorted by key count (ascending), with their key lists.
 
-    Per tile (T rows, sorted): ``q_rows`` (T, block_m) rows of the (G·N, ·) tensors (a short tile
-    repeats its last row), ``q_first`` / ``q_end`` (T,) its first and end row, and per key-list slot (T, L): ``lo`` (first row), ``size``, ``ends``, and
-    ``flat`` (its index in the (G·Sq·L,) statistics). ``host``: three lists, each tile's key count, query
-    rows and slot size when all its slots share one (else 0), read in one device-to-host copy.
+    Per tile (T rows): ``q_first`` / ``q_end`` (T,) its first and end plan row in the (G·N, ·) rows, and per
+    key-list slot (T, L): ``lo`` (first row), ``size``, ``ends`` (cumulative key count), and ``flat`` (its
+    index in the (G·Sq·L,) statistics). Every row of every query segment is in exactly one tile.
     """
     N, Sq, L = plan.num_tokens, plan.kv_index.shape[1], plan.kv_index.shape[2]
     keys = key_lists(plan, skip, reverse)
     tile_g, tile_s, tile_lo, tile_hi = (t.long() for t in query_tiles(plan.q_offsets, block_m))
     row = tile_g * Sq + tile_s  # (T,) the (g, query segment) of each tile
     order = torch.argsort(keys["total"][row], stable=True)
-    row, base, lo, hi = row[order], tile_g[order] * N, tile_lo[order], tile_hi[order]
-    size = keys["size"][row]  # (T, L)
-    first = size[:, 0]
-    equal = ((size == first[:, None]) | (size == 0)).all(1)
-    host = torch.stack([keys["total"][row], hi - lo, torch.where(equal, first, 0)]).tolist()
-    dev = plan.kv_index.device
+    row, base = row[order], tile_g[order] * N
     return {
-        "q_rows": base[:, None] + torch.minimum(lo[:, None] + torch.arange(block_m, device=dev), hi[:, None] - 1),
-        "q_first": base + lo,
-        "q_end": base + hi,
+        "q_first": base + tile_lo[order],
+        "q_end": base + tile_hi[order],
         "lo": base[:, None] + keys["lo"][row],
-        "size": size,
+        "size": keys["size"][row],
         "ends": keys["ends"][row],
         "flat": row[:, None] * L + keys["entry"][row],
-        "host": host,
     }
+
+
+def work_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
+    """``tile_list`` and what the PyTorch chunks also need, so a chunk only slices.
+
+    Adds ``q_rows`` (T, block_m): each tile's rows (a short tile repeats its last row), and ``host``: three
+    lists, each tile's key count, query rows and slot size when all its slots share one (else 0), read in
+    one device-to-host copy.
+    """
+    work = tile_list(plan, skip, reverse, block_m)
+    first, size = work["q_first"], work["size"]
+    rows = work["q_end"] - first
+    work["q_rows"] = first[:, None] + torch.minimum(torch.arange(block_m, device=first.device), rows[:, None] - 1)
+    equal = ((size == size[:, :1]) | (size == 0)).all(1)
+    work["host"] = torch.stack([work["ends"][:, -1], rows, torch.where(equal, size[:, 0], 0)]).tolist()
+    return work
 
 
 def chunks(widths: list[int], rows: list[int], blocks: list[int]):
