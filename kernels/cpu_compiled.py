@@ -106,9 +106,58 @@ static float exp_sum(float* x, int n, float ref) {
   return sum;
 }
 
+// The plan's tensors (int32, contiguous): q_offsets (G, Sq + 1), k_offsets (G, Sk + 1), kv_count (G, Sq),
+// kv_index (G, Sq, L); skip (G, Sq, L) bytes or null.
+struct Plan {
+  const int32_t *q_offsets, *k_offsets, *kv_count, *kv_index;
+  const uint8_t* skip;
+  int64_t G, N, Sq, Sk, L;
+  bool reverse;
+};
+
+// The work list. Per (g, query segment) row: its computed key segments in scan order as slots (first row in the
+// (G·N, ·) rows, size, kv_index entry), used slots first, unused ones of size 0. Per tile (up to block_m rows of
+// one segment), longest key list first: its first and end row and its segment row.
+struct Work {
+  std::vector<int64_t> slot_lo, slot_size, entry, q_lo, q_hi, tile_seg;
+};
+
+static Work make_work(const Plan& P, int block_m) {
+  const int64_t rows = P.G * P.Sq, L = P.L;
+  Work W;
+  W.slot_lo.assign(rows * L, 0); W.slot_size.assign(rows * L, 0); W.entry.assign(rows * L, 0);
+  std::vector<int64_t> total(rows, 0);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t g = row / P.Sq, count = P.kv_count[row];
+    const int32_t* koff = P.k_offsets + g * (P.Sk + 1);
+    int64_t used = row * L;
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t l = P.reverse ? L - 1 - j : j;
+      if (l >= count || (P.skip && P.skip[row * L + l])) continue;  // past the list, or skipped: not computed
+      const int32_t seg = P.kv_index[row * L + l];
+      if (seg < 0 || seg >= P.Sk || koff[seg + 1] <= koff[seg]) continue;
+      W.slot_lo[used] = g * P.N + koff[seg]; W.slot_size[used] = koff[seg + 1] - koff[seg]; W.entry[used] = l;
+      total[row] += W.slot_size[used++];
+    }
+    const int64_t lo = P.q_offsets[g * (P.Sq + 1) + row % P.Sq], hi = P.q_offsets[g * (P.Sq + 1) + row % P.Sq + 1];
+    for (int64_t r = lo; r < hi; r += block_m) {
+      W.q_lo.push_back(g * P.N + r); W.q_hi.push_back(g * P.N + std::min<int64_t>(r + block_m, hi)); W.tile_seg.push_back(row);
+    }
+  }
+  // longest first, so the last tiles taken are short and threads finish together
+  std::vector<int64_t> order(W.q_lo.size());
+  for (size_t t = 0; t < order.size(); ++t) order[t] = (int64_t)t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return total[W.tile_seg[a]] > total[W.tile_seg[b]]; });
+  Work sorted{std::move(W.slot_lo), std::move(W.slot_size), std::move(W.entry), {}, {}, {}};
+  for (int64_t t : order) {
+    sorted.q_lo.push_back(W.q_lo[t]); sorted.q_hi.push_back(W.q_hi[t]); sorted.tile_seg.push_back(W.tile_seg[t]);
+  }
+  return sorted;
+}
+
 struct Args {
   const float *q, *k, *v;
-  const int64_t *rows, *q_lo, *q_hi, *slot_lo, *slot_size;
+  const int64_t *rows, *q_lo, *q_hi, *tile_seg, *slot_lo, *slot_size;
   float *out, *stats;
   int64_t T;
   int D, Dv, L, piece;
@@ -134,8 +183,8 @@ static void run_tiles(const Args& A, std::atomic<int64_t>* next) {
       const float* src = A.q + (A.rows ? A.rows[r] : r) * D;
       for (int d = 0; d < D; ++d) qbuf[(size_t)i * D + d] = src[d] * A.scale;
     }
-    const int64_t* slo = A.slot_lo + t * L;
-    const int64_t* ssz = A.slot_size + t * L;
+    const int64_t* slo = A.slot_lo + A.tile_seg[t] * L;
+    const int64_t* ssz = A.slot_size + A.tile_seg[t] * L;
     m.assign(M, NEG); l.assign(M, 0.0f); acc.assign((size_t)M * Dv, 0.0f); smax.assign(M, NEG);
     std::fill(tstat.begin(), tstat.end(), NEG);
     int slot = 0;
@@ -199,21 +248,35 @@ static void run_tiles(const Args& A, std::atomic<int64_t>* next) {
   if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(blas_threads);  // 0 restores the global setting
 }
 
-// k (R, D), v (R, Dv): float32 rows in plan order; q (R, D) and out (R, Dv): float32 rows in model order,
-// plan row r being model row rows[r] (rows null: the same order). Tile t covers plan rows q_lo[t] ..
-// q_hi[t]; its key list is slots 0 .. L-1 of (slot_lo, slot_size), used slots first. Writes every covered
-// row of out (zeros for a tile with no key) and, if stats is not null, stats (T, L). Each tile is taken by
-// exactly one thread, which alone writes its rows.
+// k (G·N, D), v (G·N, Dv): float32 rows in plan order; q (G·N, D) and out (G·N, Dv): float32 rows in model
+// order, plan row r being model row rows[r] (rows null: the same order). Writes every row of out (zeros for a
+// query with no key) and, if stats is not null, stats (G, Sq, L): per computed entry, the max over its
+// segment's rows of (the entry's max scaled logit - the running max after it), left alone elsewhere. Each
+// tile is taken by exactly one thread, which alone writes its rows; the statistics are reduced afterwards.
 extern "C" void block_sparse_forward(const float* q, const float* k, const float* v, const int64_t* rows,
-                                     const int64_t* q_lo, const int64_t* q_hi, const int64_t* slot_lo,
-                                     const int64_t* slot_size, float* out, float* stats, int64_t T, int D, int Dv,
-                                     int L, int piece, int threads, float scale) {
-  Args A{q, k, v, rows, q_lo, q_hi, slot_lo, slot_size, out, stats, T, D, Dv, L, piece, scale};
+                                     const int32_t* q_offsets, const int32_t* k_offsets, const int32_t* kv_count,
+                                     const int32_t* kv_index, const uint8_t* skip, int reverse, float* out,
+                                     float* stats, int64_t G, int64_t N, int64_t Sq, int64_t Sk, int L, int D, int Dv,
+                                     int block_m, int piece, int threads, float scale) {
+  const Plan P{q_offsets, k_offsets, kv_count, kv_index, skip, G, N, Sq, Sk, L, reverse != 0};
+  const Work W = make_work(P, block_m);
+  const int64_t T = (int64_t)W.q_lo.size();
+  std::vector<float> tile_stats(stats ? T * L : 0);
+  Args A{q, k, v, rows, W.q_lo.data(), W.q_hi.data(), W.tile_seg.data(), W.slot_lo.data(), W.slot_size.data(),
+         out, stats ? tile_stats.data() : nullptr, T, D, Dv, L, piece, scale};
   std::atomic<int64_t> next{0};
   std::vector<std::thread> pool;
   for (int w = 1; w < std::min<int64_t>(threads, T); ++w) pool.emplace_back(run_tiles, std::cref(A), &next);
   run_tiles(A, &next);  // the calling thread works too
   for (auto& th : pool) th.join();
+  if (!stats) return;
+  for (int64_t t = 0; t < T; ++t) {  // tiles of one segment share its entries: reduced here, one thread
+    const int64_t row = W.tile_seg[t];
+    for (int j = 0; j < L && W.slot_size[row * L + j] > 0; ++j) {
+      float& dst = stats[row * L + W.entry[row * L + j]];
+      dst = std::max(dst, tile_stats[t * L + j]);
+    }
+  }
 }
 """
 
@@ -283,7 +346,7 @@ def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     fn = lib.block_sparse_forward
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] + [ctypes.c_int] * 5 + [ctypes.c_float]
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float]
     return fn
 
 
@@ -291,17 +354,14 @@ def _notice(reason: str) -> None:
     print(f"vdit_sparse: CPU block-sparse extension not used: {reason}; running the slower pure-PyTorch path", file=sys.stderr)
 
 
-def run_tiles(q, kp, vp, rows, tiles, result, stats, scale: float, fn) -> None:
-    """All tiles of ``tiles`` (cpu_gathered.tile_list) through the compiled loop. q (G·N, D) and result
-    (G·N, Dv): float32 model order; kp, vp: plan order; ``rows`` (G·N,) plan row -> model row, or None;
-    ``stats``: None or the flat (G·Sq·L,) statistics, reduced into."""
-    T, L = tiles["lo"].shape
-    threads = torch.get_num_threads()
-    order = torch.arange(T - 1, -1, -1)  # tiles come sorted by key count: the longest first, so the last ones taken are short
-    per_tile = [tiles[name][order].contiguous() for name in ("q_first", "q_end", "lo", "size")]
-    tile_stats = torch.empty(T, L, dtype=torch.float32) if stats is not None else None
+def run_plan(q, kp, vp, rows, plan, skip, reverse: bool, block_m: int, result, stats, scale: float, fn) -> None:
+    """``plan`` through the compiled loop, which builds its own work list. q (G·N, D) and result (G·N, Dv):
+    float32 model order; kp, vp: plan order; ``rows`` (G·N,) plan row -> model row, or None; ``stats``: None
+    or the (G·Sq·L,) statistics, -inf filled, reduced into."""
+    G, Sq, L = plan.kv_index.shape
+    index = [t.contiguous() for t in (plan.q_offsets, plan.k_offsets, plan.kv_count, plan.kv_index)]  # plans may be expanded over heads
+    skip = skip.contiguous().view(torch.uint8) if skip is not None else None
     ptrs = [q.data_ptr(), kp.data_ptr(), vp.data_ptr(), rows.data_ptr() if rows is not None else None]
-    ptrs += [t.data_ptr() for t in per_tile] + [result.data_ptr(), tile_stats.data_ptr() if tile_stats is not None else None]
-    fn(*ptrs, T, q.shape[1], vp.shape[1], L, PIECE, threads, scale)
-    if stats is not None:  # tiles of one query segment share its entries: reduce them here, race-free
-        stats.scatter_reduce_(0, tiles["flat"][order].reshape(-1), tile_stats.view(-1), reduce="amax")
+    ptrs += [t.data_ptr() for t in index] + [skip.data_ptr() if skip is not None else None]
+    fn(*ptrs, int(reverse), result.data_ptr(), stats.data_ptr() if stats is not None else None, G, plan.num_tokens,
+       Sq, plan.k_offsets.shape[1] - 1, L, q.shape[1], vp.shape[1], block_m, PIECE, torch.get_num_threads(), scale)

@@ -2,9 +2,10 @@
 gathered into one softmax row, nothing else computed.
 
 A query tile (up to ``block_m`` rows of one query segment) attends to the concatenation of its
-computed key segments, in scan order: ``K_t`` keys. q, k, v are put in plan order once (O(N·D)), so a
+computed key segments, in scan order: ``K_t`` keys. k and v are put in plan order once (O(N·D)), so a
 segment is a run of rows. The tiles then run either through the compiled loop (``cpu_compiled.py``:
-flash attention over the kept keys, the default wherever a C++ compiler exists) or, as a fallback,
+flash attention over the kept keys, the default wherever a C++ compiler exists; it builds the work list
+itself and reads q through the permutation) or, as a fallback,
 through PyTorch chunks: tiles sorted by ``K_t``, batched into chunks of equal (or nearly equal,
 padded and masked) key count whose scores fit in the L2 cache (``SCORE_ELEMENTS``), each chunk one
 gather, bmm, max, exp, sum and bmm. Both give the same outputs and the same tile statistics.
@@ -53,22 +54,24 @@ def gathered_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, til
     Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
     stats = torch.full((G * Sq * L,), float("-inf"), device=q.device) if tile_stats else None
     if module is not None:
-        _compiled(q, k, v, plan, scale, tile_list(plan, skip, reverse, block_m), out, stats, module)
+        _compiled(q, k, v, plan, scale, (skip, reverse, block_m), out, stats, module)
     else:
         _chunked(q, k, v, plan, scale, work_list(plan, skip, reverse, block_m), out, stats)
     return (out, stats.view(G, Sq, L)) if tile_stats else out
 
 
-def _compiled(q, k, v, plan: BlockPlan, scale: float, tiles: dict, out, stats, module) -> None:
-    """The tiles through the C++ loop: it reads q and writes out in model order (through the query
-    permutation itself, scale folded in), so neither is copied when they are float32 and contiguous."""
+def _compiled(q, k, v, plan: BlockPlan, scale: float, options: tuple, out, stats, module) -> None:
+    """The plan through the C++ loop, which builds the work list itself (tens of small torch ops here cost
+    more than the attention at a few hundred tokens) and reads q and writes out in model order (through the
+    query permutation itself, scale folded in), so neither is copied when they are float32 and contiguous.
+    ``options``: (skip, reverse, block_m)."""
     B, H, N, D = q.shape
     G, Dv = plan.groups, v.shape[3]
     q_model = q.reshape(G * N, D).float().contiguous()
     kp, vp = (_plan_rows(x, plan.k_perm).contiguous() for x in (k, v))
     direct = out.dtype == torch.float32 and out.is_contiguous()
     result = out.view(G * N, Dv) if direct else torch.empty(G * N, Dv, device=q.device)
-    cpu_compiled.run_tiles(q_model, kp, vp, _model_rows(plan), tiles, result, stats, scale, module)
+    cpu_compiled.run_plan(q_model, kp, vp, _model_rows(plan), plan, *options, result, stats, scale, module)
     if not direct:
         out.copy_(result.view(B, H, N, Dv))
 
