@@ -139,43 +139,35 @@ def key_lists(plan: BlockPlan, skip, reverse: bool) -> dict:
     return {"lo": lo, "ends": ends, "size": size, "entry": entry, "total": ends[:, -1]}
 
 
-def tile_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
-    """Query tiles sorted by key count (ascending), with their key lists.
+def work_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
+    """Query tiles sorted by key count, with everything a chunk needs precomputed, so a chunk only slices.
 
-    Per tile (T rows): ``q_first`` / ``q_end`` (T,) its first and end plan row in the (G·N, ·) rows, and per
-    key-list slot (T, L): ``lo`` (first row), ``size``, ``ends`` (cumulative key count), and ``flat`` (its
-    index in the (G·Sq·L,) statistics). Every row of every query segment is in exactly one tile.
+    Per tile (T rows, sorted): ``q_rows`` (T, block_m) rows of the (G·N, ·) tensors (a short tile
+    repeats its last row), ``q_first`` / ``q_end`` (T,) its first and end row, and per key-list slot (T, L): ``lo`` (first row), ``size``, ``ends``, and
+    ``flat`` (its index in the (G·Sq·L,) statistics). ``host``: three lists, each tile's key count, query
+    rows and slot size when all its slots share one (else 0), read in one device-to-host copy.
     """
     N, Sq, L = plan.num_tokens, plan.kv_index.shape[1], plan.kv_index.shape[2]
     keys = key_lists(plan, skip, reverse)
     tile_g, tile_s, tile_lo, tile_hi = (t.long() for t in query_tiles(plan.q_offsets, block_m))
     row = tile_g * Sq + tile_s  # (T,) the (g, query segment) of each tile
     order = torch.argsort(keys["total"][row], stable=True)
-    row, base = row[order], tile_g[order] * N
+    row, base, lo, hi = row[order], tile_g[order] * N, tile_lo[order], tile_hi[order]
+    size = keys["size"][row]  # (T, L)
+    first = size[:, 0]
+    equal = ((size == first[:, None]) | (size == 0)).all(1)
+    host = torch.stack([keys["total"][row], hi - lo, torch.where(equal, first, 0)]).tolist()
+    dev = plan.kv_index.device
     return {
-        "q_first": base + tile_lo[order],
-        "q_end": base + tile_hi[order],
+        "q_rows": base[:, None] + torch.minimum(lo[:, None] + torch.arange(block_m, device=dev), hi[:, None] - 1),
+        "q_first": base + lo,
+        "q_end": base + hi,
         "lo": base[:, None] + keys["lo"][row],
-        "size": keys["size"][row],
+        "size": size,
         "ends": keys["ends"][row],
         "flat": row[:, None] * L + keys["entry"][row],
+        "host": host,
     }
-
-
-def work_list(plan: BlockPlan, skip, reverse: bool, block_m: int) -> dict:
-    """``tile_list`` and what the PyTorch chunks also need, so a chunk only slices.
-
-    Adds ``q_rows`` (T, block_m): each tile's rows (a short tile repeats its last row), and ``host``: three
-    lists, each tile's key count, query rows and slot size when all its slots share one (else 0), read in
-    one device-to-host copy.
-    """
-    work = tile_list(plan, skip, reverse, block_m)
-    first, size = work["q_first"], work["size"]
-    rows = work["q_end"] - first
-    work["q_rows"] = first[:, None] + torch.minimum(torch.arange(block_m, device=first.device), rows[:, None] - 1)
-    equal = ((size == size[:, :1]) | (size == 0)).all(1)
-    work["host"] = torch.stack([work["ends"][:, -1], rows, torch.where(equal, size[:, 0], 0)]).tolist()
-    return work
 
 
 def chunks(widths: list[int], rows: list[int], blocks: list[int]):
