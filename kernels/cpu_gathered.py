@@ -2,9 +2,10 @@
 gathered into one softmax row, nothing else computed.
 
 A query tile (up to ``block_m`` rows of one query segment) attends to the concatenation of its
-computed key segments, in scan order: ``K_t`` keys. q, k, v are put in plan order once (O(N·D)), so a
+computed key segments, in scan order: ``K_t`` keys. k and v are put in plan order once (O(N·D)), so a
 segment is a run of rows. The tiles then run either through the compiled loop (``cpu_compiled.py``:
-flash attention over the kept keys, the default wherever a C++ compiler exists) or, as a fallback,
+flash attention over the kept keys, the default wherever a C++ compiler exists; it builds the work list
+itself and reads q through the permutation) or, as a fallback,
 through PyTorch chunks: tiles sorted by ``K_t``, batched into chunks of equal (or nearly equal,
 padded and masked) key count whose scores fit in the L2 cache (``SCORE_ELEMENTS``), each chunk one
 gather, bmm, max, exp, sum and bmm. Both give the same outputs and the same tile statistics.
@@ -44,34 +45,64 @@ def gathered_attention(q, k, v, plan: BlockPlan, scale: float, *, skip=None, til
     """(B, H, N, Dv) attention over ``plan`` (and (out, stats (G, Sq, L)) with ``tile_stats``); see block_sparse_attention.
 
     ``compiled``: run the tiles through the C++ loop (cpu_compiled.py); None: when it builds, False: never."""
+    module = cpu_compiled.extension() if compiled is not False else None
+    if compiled and module is None:
+        raise RuntimeError("compiled=True: the CPU extension is not available on this machine (see the notice above)")
+    if out is None:
+        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    G, N = plan.groups, plan.num_tokens
+    Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
+    stats = torch.full((G * Sq * L,), float("-inf"), device=q.device) if tile_stats else None
+    if module is not None:
+        _compiled(q, k, v, plan, scale, (skip, reverse, block_m), out, stats, module)
+    else:
+        _chunked(q, k, v, plan, scale, work_list(plan, skip, reverse, block_m), out, stats)
+    return (out, stats.view(G, Sq, L)) if tile_stats else out
+
+
+def _compiled(q, k, v, plan: BlockPlan, scale: float, options: tuple, out, stats, module) -> None:
+    """The plan through the C++ loop, which builds the work list itself (tens of small torch ops here cost
+    more than the attention at a few hundred tokens) and reads q and writes out in model order (through the
+    query permutation itself, scale folded in), so neither is copied when they are float32 and contiguous.
+    ``options``: (skip, reverse, block_m)."""
     B, H, N, D = q.shape
     G, Dv = plan.groups, v.shape[3]
-    Sq, L = plan.kv_index.shape[1], plan.kv_index.shape[2]
+    q_model = q.reshape(G * N, D).float().contiguous()
+    kp, vp = (_plan_rows(x, plan.k_perm).contiguous() for x in (k, v))
+    direct = out.dtype == torch.float32 and out.is_contiguous()
+    result = out.view(G * N, Dv) if direct else torch.empty(G * N, Dv, device=q.device)
+    cpu_compiled.run_plan(q_model, kp, vp, _model_rows(plan), plan, *options, result, stats, scale, module)
+    if not direct:
+        out.copy_(result.view(B, H, N, Dv))
+
+
+def _chunked(q, k, v, plan: BlockPlan, scale: float, work: dict, out, stats) -> None:
+    """The tiles through PyTorch chunks (no C++ compiler): in plan order, permuted back at the end."""
+    B, H, N, D = q.shape
+    G, Dv = plan.groups, v.shape[3]
     # (G·N, ·) float32 rows in plan order, scale folded into q: permuted once here, O(N·D), so every
     # segment is a run of consecutive rows and a block of keys is gathered as one piece
     qp = _plan_rows(q, plan.q_perm) * scale
     kp, vp = _plan_rows(k, plan.k_perm), _plan_rows(v, plan.k_perm)
-    work = work_list(plan, skip, reverse, block_m)
     result = torch.zeros(G * N, Dv, dtype=torch.float32, device=q.device)  # plan order; tiles with no key stay zero
-    stats = torch.full((G * Sq * L,), float("-inf"), device=q.device) if tile_stats else None
-    module = cpu_compiled.extension() if compiled is not False else None
-    if compiled and module is None:
-        raise RuntimeError("compiled=True: the CPU extension is not available on this machine (see the notice above)")
-    if module is not None:
-        cpu_compiled.run_tiles(qp, kp, vp, work, result, stats, module)
-    widths, rows, blocks = work["host"] if module is None else ([], [], [])
+    widths, rows, blocks = work["host"]
     for c0, c1 in chunks(widths, rows, blocks):
         exact = widths[c0] == widths[c1 - 1]  # widths ascend: equal ends, no padded key column
         block = blocks[c0] if exact and blocks[c0] and len(set(blocks[c0:c1])) == 1 else 0
         _run_chunk(qp, kp, vp, work, slice(c0, c1), (widths[c1 - 1], max(rows[c0:c1]), block, exact), result, stats)
     if plan.q_perm is not None:  # plan order back to model order: a gather through the inverse permutation
-        rows = (torch.arange(G, device=q.device)[:, None] * N + plan.q_perm.long()).view(-1)  # plan row -> model row
+        rows = _model_rows(plan)
         inverse = torch.empty_like(rows).scatter_(0, rows, torch.arange(G * N, device=q.device))
         result = result.index_select(0, inverse)  # index_copy_ of rows was 50x slower than this (torch 2.13)
-    if out is None:
-        out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     out.copy_(result.view(B, H, N, Dv))
-    return (out, stats.view(G, Sq, L)) if tile_stats else out
+
+
+def _model_rows(plan: BlockPlan):
+    """(G·N,) int64: the model row of each plan row, or None without a query permutation."""
+    if plan.q_perm is None:
+        return None
+    G, N = plan.groups, plan.num_tokens
+    return (torch.arange(G, device=plan.q_perm.device)[:, None] * N + plan.q_perm.long()).view(-1)
 
 
 def _plan_rows(x, perm):

@@ -70,6 +70,10 @@ def _mean_query_segment(plan: BlockPlan) -> float:
 
 def _computes_every_pair(plan: BlockPlan) -> bool:
     """Whether every batch·head lists all N² pairs (segments are listed at most once per row)."""
+    if plan.kv_index.shape[2] < plan.k_offsets.shape[1] - 1:
+        # rows list fewer entries than there are key segments: answered without a sum or a sync (they could still
+        # cover every pair with empty segments; then the gathered path runs, exact as well)
+        return False
     return bool((plan.pairs() == float(plan.num_tokens) ** 2).all())
 
 

@@ -1,6 +1,7 @@
 """`vdit-sparse compare` with a fake generator: same seeds, cached dense runs, resume, sweeps, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -142,6 +143,20 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(dirs):
     assert again.calls == []  # a finished comparison only re-renders its report
 
 
+def test_a_sweep_of_list_settings_keeps_each_list_whole_and_resumes(dirs):
+    argv = ["a red square", "--attention", "sta", "--sweep", "window=[1,2,2], [3,0,0]", "--sweep", "warmup_steps=0,1"]
+    gen = FakeGenerator()
+    _run(argv, dirs, gen)
+    windows = [r.settings["window"] for r in gen.calls if r.attention == "sta"]
+    assert windows == [(1, 2, 2)] * 8 + [(3, 0, 0)] * 8  # two points each, a warm-up and three timed runs each
+    assert [s["setting"] for s in _metrics(dirs)["sweep"]] == [
+        {"window": [1, 2, 2], "warmup_steps": 0}, {"window": [1, 2, 2], "warmup_steps": 1},
+        {"window": [3, 0, 0], "warmup_steps": 0}, {"window": [3, 0, 0], "warmup_steps": 1}]
+    again = FakeGenerator()
+    _run(argv, dirs, again)
+    assert again.calls == []  # the stored comparison is recognised as this one
+
+
 def test_prompts_file_gives_one_entry_per_prompt_and_their_mean(dirs, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("# shapes\na red square\n\na blue circle\n")
@@ -179,11 +194,15 @@ def test_dense_against_dense_is_identical_in_strict_json(dirs):
         (["p", "--attention", "svg", "--sweep", "density=0.2,2"], "density=2"),
         (["p", "--attention", "svg", "--sweep", "top_p=0.5"], "top_p: not a setting of attention='svg'"),
         (["p", "--sweep", "density=0.1", "--sweep", "density=0.2"], "swept twice"),
+        (["p", "--attention", "sta", "--sweep", "window=[1,2,2],[3,0"], "lists in brackets: window=[1,2,2],[3,0,0]"),
+        (["p", "--attention", "sta", "--sweep", "window=[1,,2]"], "value [1,,2] is not a list in brackets"),
+        (["p", "--attention", "sta", "--sweep", "window=1,2]"], "expected KEY=V1,V2"),
+        (["p", "--attention", "sta", "--sweep", "window=[1,2]"], "window=[1, 2]: must be three integers"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(dirs, argv, message):
     gen = FakeGenerator()
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("?", r"\?")) as info:
+    with pytest.raises(UserError, match=re.escape(message)) as info:
         _run(argv, dirs, gen)
     assert "\n" not in str(info.value) and gen.calls == []
 

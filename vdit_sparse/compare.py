@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", required=True, help="where metrics.json, report.md and report.html go")
     p.add_argument("--against", default="dense", help="attention of the reference runs (default: dense)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="run every value (repeat for a grid), e.g. density=0.1,0.2,0.4 or attention=svg,svg2")
+                   help="run every value (repeat for a grid), e.g. density=0.1,0.2,0.4, attention=svg,svg2 or "
+                        "window=[1,2,2],[3,0,0] (lists in brackets)")
     p.add_argument("--dense-cache", metavar="DIR", help="reference-run cache (default: $VDIT_SPARSE_CACHE or ~/.cache/vdit-sparse/runs)")
     p.add_argument("--overwrite", action="store_true", help="replace a report DIR that holds a different comparison")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as null)")
@@ -114,7 +115,29 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return read_prompt_file(args.prompts, "--prompts")
 
 
+def _split_top_level(text: str) -> list[str] | None:
+    """``text`` cut at its commas outside brackets (``[1,2,2],[3,0,0]`` -> two values), each stripped;
+    None when its brackets do not pair up."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0:
+            return None
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return None if depth else parts + [text[start:].strip()]
+
+
 def _parse_value(text: str):
+    """A number, true/false/none, a list in brackets (a tuple: settings are hashable), else the text."""
+    if text.startswith("[") and text.endswith("]"):
+        items = _split_top_level(text[1:-1])
+        if items is None or not all(items) and items != [""]:
+            raise ValueError(text)
+        return tuple(_parse_value(v) for v in items if v)
+    if "[" in text or "]" in text:
+        raise ValueError(text)
     for cast in (int, float):
         try:
             return cast(text)
@@ -137,15 +160,25 @@ def parse_sweep(specs: list[str]) -> list[tuple]:
     for spec in specs:
         key, eq, values = spec.partition("=")
         key = key.strip().replace("-", "_")
-        parts = [v.strip() for v in values.split(",")]
-        if not eq or not key or not all(parts):
-            raise UserError(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. density=0.1,0.2,0.4)")
+        parts = _split_top_level(values)  # a list value keeps its commas: window=[1,2,2],[3,0,0]
+        if not eq or not key or not parts or not all(parts):
+            raise UserError(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. density=0.1,0.2,0.4; lists in brackets: "
+                            f"window=[1,2,2],[3,0,0])")
         if key not in allowed:
             raise UserError(f"--sweep {spec!r}: unknown key {key!r}; allowed: {', '.join(allowed)}")
         if key in axes:
             raise UserError(f"--sweep {spec!r}: key {key!r} is swept twice; give all its values in one --sweep")
-        axes[key] = [_parse_value(v) for v in parts]
+        try:
+            axes[key] = [_parse_value(v) for v in parts]
+        except ValueError as e:
+            raise UserError(f"--sweep {spec!r}: value {e} is not a list in brackets like [1,2,2]") from None
     return [tuple(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def point_label(setting: tuple) -> str:
+    """``window=[1,2,2],density=0.2``: a sweep point as it is written on the command line."""
+    shown = lambda v: "[" + ",".join(map(str, v)) + "]" if isinstance(v, tuple) else str(v)  # noqa: E731
+    return ",".join(f"{k}={shown(v)}" for k, v in setting)
 
 
 def all_setting_names() -> list[str]:
@@ -182,8 +215,7 @@ def accelerated_request(base: GenerateRequest, setting: tuple) -> GenerateReques
         # a step cache's own settings are checked with the tuned table's (MagCache's ratios) by check_requests
         settings_for(req.attention, split_step_cache_settings(req.settings)[0], req.cache)
     except ValueError as e:
-        point = ",".join(f"{k}={v}" for k, v in setting)
-        raise UserError(f"--sweep point {point or '(none)'}: {e}") from None
+        raise UserError(f"--sweep point {point_label(setting) or '(none)'}: {e}") from None
     return req
 
 
@@ -218,7 +250,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Pair], dict]:
         base = request_from_args(args, prompt)
         reference = reference_request(base, args.against)
         for setting in settings:
-            tag = ",".join(f"{k}={v}" for k, v in setting)
+            tag = point_label(setting)
             label = f"{prompt} [{tag}]" if tag else prompt
             pairs.append(Pair(prompt, reference, accelerated_request(base, setting), setting, label))
     return pairs, check_requests(pairs, args.ulysses_degree)

@@ -71,6 +71,25 @@ def test_compiled_loop_crosses_pieces_and_threads(kit, gen, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_loop_reads_runs_of_keys_in_place(kit, gen, monkeypatch, dtype):
+    """Key lists that are runs of adjacent rows (read in place, not copied), pieces that mix a run with a
+    far block (copied), and pieces ending inside a run: exact, statistics included, forward and reverse."""
+    if cpu_compiled.extension() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setattr(cpu_compiled, "PIECE", 40)
+    N, block = 190, 16
+    nb = -(-N // block)
+    i = torch.arange(nb)
+    band = (i[:, None] - i[None, :]).abs() <= 2  # adjacent key blocks: one run of rows per list
+    band[:, -1] = True  # and a far block: a piece that holds both is copied
+    q, k, v = kit.make_qkv(1, 2, N, 16, dtype, gen)
+    tol = 1e-4 if dtype == torch.float32 else 1e-3
+    for plan in (full_plan(1, 2, N, block), from_block_mask(band.expand(1, 2, nb, nb), (block, block), N)):
+        for reverse in (False, True):
+            check(kit, gen, q, k, v, plan, reverse=reverse, stats_tol=tol, compiled=True)
+
+
 def test_without_a_compiler_one_line_then_the_pytorch_path(kit, gen, monkeypatch, capfd):
     monkeypatch.setattr(cpu_compiled, "_STATE", {})
     monkeypatch.setenv("CXX", "no-such-compiler-vdit")
