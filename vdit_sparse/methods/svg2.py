@@ -17,8 +17,8 @@ estimated squared error most per computed (query, key) pair are kept until the p
 that many real query rows per head instead of estimating it. Text tokens are computed densely.
 
 Against the published algorithm (tests/methods/svg2_oracle.py, scripts/svg2_vs_oracle.py) on the
-embedded model's attention, 16 / 64 clusters: 0.88-0.93x its error at equal top_p and 0.71-0.83x at
-equal density (BENCHMARKS.md).
+embedded models' attention, 16 / 64 clusters, top_p 0.5-0.9: 0.89-0.94x its error at equal top_p and 0.71-0.83x
+at equal density at 448 tokens, 0.77-0.90x and 0.72-0.81x at 1,600 (BENCHMARKS.md).
 
 Cluster counts: ``num_q_clusters`` = 100 and ``num_k_clusters`` = 500 by default, inside the
 published ranges (100-400 query, 500-1000 key clusters at 30k-120k tokens) and at the low end for
