@@ -30,6 +30,13 @@ class Clusters(NamedTuple):
     reseeded: torch.Tensor  # (G,) int64: empty clusters re-seeded in this call (they now mean other tokens)
 
 
+class Partition(NamedTuple):
+    """What a warm start needs of the previous call (kept per branch and layer: no sizes or variances)."""
+
+    labels: torch.Tensor  # (G, V) int32
+    centroids: torch.Tensor  # (G, C, D) float32
+
+
 def summarize(x, labels, centroids, reseeded) -> Clusters:
     """Sizes and variances of the clusters ``labels`` (G, V) of x (G, V, D), whose means are ``centroids``."""
     squares, counts = accumulate_reference(x.float().square(), labels, centroids.shape[1])  # (G, C, D), (G, C)
@@ -45,14 +52,14 @@ def recentred(x, labels, previous_centroids):
     return torch.where((counts > 0)[..., None], sums / counts.clamp_min(1.0)[..., None], previous_centroids.float())
 
 
-def cluster(x, num_clusters: int, iters: int, previous: Clusters | None, seed: int, sets=None) -> Clusters:
+def cluster(x, num_clusters: int, iters: int, previous: Partition | None, seed: int, sets=None) -> Clusters:
     """k-means of x (G, V, D): cold from k-means++ seeds when ``previous`` is None, else warm from its partition."""
     if previous is None:
         result = kmeans(x, num_clusters, iters, seed=seed, sets=sets)
         return summarize(x, result.labels, result.centroids, result.reseeded)
     start = recentred(x, previous.labels, previous.centroids)
     if iters == 0:
-        return summarize(x, previous.labels, start, torch.zeros_like(previous.reseeded))
+        return summarize(x, previous.labels, start, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
     result = kmeans(x, num_clusters, iters, init=start, sets=sets)
     return summarize(x, result.labels, result.centroids, result.reseeded)
 
@@ -74,6 +81,6 @@ def run_clusters(q, k, counts, shape, state, params, sets=None):
     else:
         state["cold_starts"] = state.get("cold_starts", 0) + 1
         state["reseeds"] = torch.zeros_like(q_cl.reseeded)
-    state.update(key=key, q=q_cl, k=k_cl)
+    state.update(key=key, q=Partition(q_cl.labels, q_cl.centroids), k=Partition(k_cl.labels, k_cl.centroids))
     identity = state["cold_starts"] * 2**32 + state["reseeds"]  # (G,) int64
     return q_cl, k_cl, iters, identity
