@@ -5,7 +5,8 @@
 Per shape: the warm-started plan (``kmeans_iters_step`` iterations from the previous call's centroids, the
 cluster-mass estimate, the selection and the plan) and a dense SDPA call of the same q, k, v, timed alternately
 ``--repeats`` times after one untimed round (the cold k-means). Prints the median planning / dense ratio, its
-spread (min-max of the per-round ratios) and the median milliseconds of the plan's parts.
+spread (min-max of the per-round ratios) and the median milliseconds of each; ``--profile`` adds where one warm
+plan spends its time, by function of svg2 and by torch operator.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an svg2 setting (repeatable)")
+    p.add_argument("--profile", action="store_true", help="profile one more warm plan per shape")
     return p.parse_args(argv)
 
 
@@ -61,8 +63,26 @@ def bench(n, args, settings):
         for name, fn in (runs if i % 2 == 0 else runs[::-1]):  # alternate which goes first
             (plan_ms if name == "plan" else dense_ms).append(timed(fn)[1])
         ratios.append(plan_ms[-1] / dense_ms[-1])
+    if args.profile:
+        profile(lambda: method.plan(q, k, ctx, params))
     return dict(tokens=layout.num_tokens, dense_ms=statistics.median(dense_ms), plan_ms=statistics.median(plan_ms),
                 ratio=statistics.median(ratios), spread=(min(ratios), max(ratios)))
+
+
+def profile(fn, rows: int = 12):
+    """Print the cumulative time of the package's functions and the self time of torch's operators in fn()."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    stats = cProfile.Profile()
+    stats.runcall(fn)
+    pstats.Stats(stats).sort_stats("cumulative").print_stats(r"vdit_sparse|kernels", rows)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main(argv=None):

@@ -112,6 +112,20 @@ def test_top_p_keeps_the_fewest_clusters_reaching_the_mass():
     assert select_top_p(mass, 0.5, 3).sum() == 3  # the floor wins over a smaller top-p set
 
 
+def test_top_p_by_value_matches_a_selection_by_rank_with_ties():
+    gen = torch.Generator().manual_seed(3)
+    mass = torch.randn(4, 6, 40, generator=gen).mul(2).softmax(-1)
+    mass[..., 20:24] = mass[..., 20:21]  # tied masses, some at the boundary of what is kept
+    mass[0, :, 30:] = 0.0  # empty key clusters
+    mass = mass / mass.sum(-1, keepdim=True)
+    for top_p, min_keep in ((0.5, 1), (0.9, 3), (0.999, 1), (0.2, 35)):
+        order = torch.sort(mass, dim=-1, descending=True, stable=True)  # ties: lowest id first
+        before = order.values.cumsum(-1) - order.values
+        keep = (before < top_p) | (torch.arange(40) < min_keep)
+        expected = torch.zeros_like(keep).scatter_(-1, order.indices, keep)
+        assert torch.equal(select_top_p(mass, top_p, min_keep), expected)
+
+
 def test_cluster_mass_weights_key_clusters_by_size():
     q_cent = torch.zeros(1, 1, 4)
     k_cent = torch.zeros(1, 3, 4)  # equal scores: the mass splits as the key clusters' sizes
@@ -188,17 +202,17 @@ def test_warm_start_uses_stored_centroids_and_cold_starts_on_a_new_shape():
     state = {}
     _, first = plan_of(q, k, LAYOUT, state=state, num_q_clusters=8, num_k_clusters=8)
     assert first["stats"]["kmeans_iters"] == 50
-    stored = state["svg2"]["q_centroids"]
+    stored = state["svg2"]["q"].centroids
     assert stored.shape == (2, 8, 32)  # one set per (batch element, head)
     gen = torch.Generator().manual_seed(8)
     q2, k2 = q + 0.05 * torch.randn(q.shape, generator=gen), k + 0.05 * torch.randn(k.shape, generator=gen)
     _, second = plan_of(q2, k2, LAYOUT, state=state, num_q_clusters=8, num_k_clusters=8, kmeans_iters_step=2)
     assert second["stats"]["kmeans_iters"] == 2
     assert torch.equal(second["q_labels"], first["q_labels"])  # a small change keeps the partition
-    assert not torch.equal(state["svg2"]["q_centroids"], stored)  # and the centroids follow the data
+    assert not torch.equal(state["svg2"]["q"].centroids, stored)  # and the centroids follow the data
     assert torch.equal(second["segment_identity"], first["segment_identity"])  # cluster c is still segment c
     collapsed = q2.clone()
-    collapsed[0, 1] = 0.01 * torch.randn(collapsed[0, 1].shape, generator=gen)  # head 1: all queries in one spot
+    collapsed[0, 1] = 0.0  # head 1: every query at one point, so all clusters but one empty out
     _, fourth = plan_of(collapsed, k2, LAYOUT, state=state, num_q_clusters=8, num_k_clusters=8)
     same = fourth["segment_identity"] == second["segment_identity"]
     assert same.tolist() == [True, False]  # head 1's emptied clusters were re-seeded: its segments changed meaning
@@ -219,7 +233,7 @@ def test_branches_and_batch_elements_keep_their_own_centroids():
     plan_of(q, k, LAYOUT, state=cond, num_q_clusters=6, num_k_clusters=6)
     plan_of(q_other, k_other, LAYOUT, state=uncond, num_q_clusters=6, num_k_clusters=6)
     for state, qq in ((cond, q), (uncond, q_other)):
-        centroids = state["svg2"]["q_centroids"]  # (B·H, C, D)
+        centroids = state["svg2"]["q"].centroids  # (B·H, C, D)
         for g in range(2):
             own = torch.cdist(centroids[g], qq[g, 0]).min(1).values  # each centroid sits in its own data
             other = torch.cdist(centroids[g], qq[1 - g, 0]).min(1).values

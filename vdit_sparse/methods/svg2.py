@@ -17,8 +17,8 @@ estimated squared error most per computed (query, key) pair are kept until the p
 that many real query rows per head instead of estimating it. Text tokens are computed densely.
 
 Against the published algorithm (tests/methods/svg2_oracle.py, scripts/svg2_vs_oracle.py) on the
-embedded model's attention, 16 / 64 clusters: 0.88-0.93x its error at equal top_p and 0.71-0.83x at
-equal density (BENCHMARKS.md).
+embedded models' attention, 16 / 64 clusters, top_p 0.5-0.9: 0.89-0.94x its error at equal top_p and 0.71-0.83x
+at equal density at 448 tokens, 0.77-0.90x and 0.72-0.81x at 1,600 (BENCHMARKS.md).
 
 Cluster counts: ``num_q_clusters`` = 100 and ``num_k_clusters`` = 500 by default, inside the
 published ranges (100-400 query, 500-1000 key clusters at 30k-120k tokens) and at the low end for
@@ -28,13 +28,14 @@ one cluster per ``MIN_CLUSTER_TOKENS`` tokens: smaller clusters cost a whole ker
 estimate little a dense block would not (at 8 the embedded model's 448 tokens got 56 key clusters
 where 64 were asked, which cost 4 % of error at equal top_p against the published algorithm).
 
-Warm start: centroids live in ``ctx.state["svg2"]`` (the handle keeps one state per branch and
-layer; inside it, one set per batch element and head). The first call runs ``kmeans_iters_first``
-iterations from k-means++ seeds (the published code seeds uniformly at random); later calls of the same shape run ``kmeans_iters_step`` from the
-stored centroids; a new shape (resolution, batch, cluster counts) starts cold again. Cluster c stays
-segment c through a warm start, so ``info["segment_identity"]`` (per head) changes only at a cold
-start or when one of the head's clusters was empty and re-seeded: the tile-skip cache keeps its
-marks for cluster pairs across steps and drops them when the identity changes.
+Warm start (``svg2_clusters``): the clusters live in ``ctx.state["svg2"]`` (the handle keeps one state per
+branch and layer; inside it, one set per batch element and head). The first call runs ``kmeans_iters_first``
+iterations from k-means++ seeds (the published code seeds uniformly at random); a later call of the same shape
+re-centres the previous call's clusters on its own tokens and runs ``kmeans_iters_step`` (1) iterations from
+there; a new shape (resolution, batch, cluster counts) starts cold again. Cluster c stays segment c through a
+warm start, so ``info["segment_identity"]`` (per head) changes only at a cold start or when one of the head's
+clusters was empty and re-seeded: the tile-skip cache keeps its marks for cluster pairs across steps and drops
+them when the identity changes.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..kernels.kmeans import cluster_sizes, cluster_variance, kmeans
 from ..plan import BlockPlan, attach_text, from_clusters
 from ..settings import Settings, count, fraction, optional_fraction, positive_int, setting, unit_interval, warmup
 from .base import Method
+from .svg2_clusters import run_clusters
 
 MIN_CLUSTER_TOKENS = 4
 
@@ -111,13 +113,31 @@ def floor_count(num_k_clusters: int, min_k_ratio: float) -> int:
     return max(1, math.ceil(min_k_ratio * num_k_clusters - 1e-9))  # 0.1 · 30 is 3.0000000000000004 in floats
 
 
+def sorted_descending(x):
+    """x's values sorted along the last dimension, largest first (no indices). On a CPU numpy's vectorised sort
+    takes 1/50 of torch's time on svg2's (G, Cq, Ck) masses."""
+    if x.device.type != "cpu":
+        return x.sort(dim=-1, descending=True).values
+    return torch.from_numpy(np.ascontiguousarray(np.sort(x.float().numpy(), axis=-1)[..., ::-1]))
+
+
 def select_top_p(mass, top_p: float, min_keep: int):
-    """(G, Cq, Ck) bool: per query cluster, the fewest key clusters whose mass reaches top_p, at least min_keep."""
-    order = mass.sort(dim=-1, descending=True)
-    before = order.values.cumsum(-1) - order.values  # mass of the better-ranked key clusters
-    rank = torch.arange(mass.shape[-1], device=mass.device)
-    keep_sorted = (before < top_p) | (rank < min_keep)
-    return torch.zeros_like(keep_sorted).scatter_(-1, order.indices, keep_sorted)
+    """(G, Cq, Ck) bool: per query cluster, the fewest key clusters whose mass reaches top_p, at least min_keep.
+
+    Found by value on the sorted masses (no indices to carry back): the clusters of mass above the last one
+    needed, then as many of those equal to it as are still needed, lowest id first.
+    """
+    values = sorted_descending(mass)
+    before = values.cumsum(-1) - values  # (G, Cq, Ck) ascending: mass of the better-ranked key clusters
+    top = torch.full_like(values[..., :1], top_p)
+    needed = torch.searchsorted(before, top).clamp(min=min(min_keep, mass.shape[-1]))  # (G, Cq, 1) how many
+    last = torch.gather(values, -1, needed - 1)  # (G, Cq, 1) the smallest mass kept
+    keep = mass >= last
+    spare = keep.sum(-1, keepdim=True) - needed  # clusters tied with the last one that are not needed
+    if spare.any():  # exact ties (rare but for empty clusters): the lowest ids among them are kept
+        tied = mass == last
+        keep &= ~tied | (tied.cumsum(-1) <= (tied.sum(-1, keepdim=True) - spare))
+    return keep
 
 
 def select_budget(mass, q_sizes, k_sizes, budget, min_keep: int):
@@ -169,28 +189,6 @@ def head_sets(batch: int, heads: int, head_range, device) -> tuple[int, torch.Te
     return batch * total, index.flatten().to(device)
 
 
-def _clusters(q, k, counts, shape, state, params, sets=None):
-    """Warm- or cold-started k-means on q and k (G, V, D), remembered in ``state``.
-
-    Returns the q and k KMeansResults, the iterations run, and each head's segment identity (G,) int64:
-    cluster c stays segment c through warm starts, so the identity changes only at a cold start or when
-    one of the head's clusters was re-seeded (that segment now holds other tokens).
-    """
-    key = (shape, counts, str(q.device))  # any other problem than the stored one starts cold
-    warm = state.get("key") == key
-    iters = params.kmeans_iters_step if warm else params.kmeans_iters_first
-    q_km = kmeans(q, counts[0], iters, init=state["q_centroids"] if warm else None, sets=sets)
-    k_km = kmeans(k, counts[1], iters, init=state["k_centroids"] if warm else None, seed=1, sets=sets)
-    if warm:
-        state["reseeds"] = state["reseeds"] + q_km.reseeded + k_km.reseeded
-    else:
-        state["cold_starts"] = state.get("cold_starts", 0) + 1
-        state["reseeds"] = torch.zeros_like(q_km.reseeded)
-    state.update(key=key, q_centroids=q_km.centroids, k_centroids=k_km.centroids)
-    identity = state["cold_starts"] * 2**32 + state["reseeds"]  # (G,) int64
-    return q_km, k_km, iters, identity
-
-
 @dataclass(frozen=True)
 class SVG2Settings(Settings):
     method = "svg2"
@@ -203,7 +201,8 @@ class SVG2Settings(Settings):
     num_sampled_rows: int = setting(0, count, "query rows per head whose exact attention estimates the cluster "
                                     "pair mass (0: from centroids, as published)")
     kmeans_iters_first: int = setting(50, positive_int, "k-means iterations at a cold start")
-    kmeans_iters_step: int = setting(2, count, "k-means iterations per later call, from the previous centroids")
+    kmeans_iters_step: int = setting(1, count, "k-means iterations per later call, from the previous call's clusters "
+                                    "re-centred on this call's tokens")
     warmup_steps: float = setting(0.25, warmup, "first steps run dense: a count, or a fraction of the steps when < 1")
 
 
@@ -223,15 +222,14 @@ class SVG2(Method):
         counts = cluster_counts(V, params.num_q_clusters, params.num_k_clusters)
         state = ctx.state.setdefault("svg2", {})
         sets = head_sets(B, H, ctx.heads, q.device)
-        q_km, k_km, iters, identity = _clusters(qv, kv, counts, (B, H, V, D), state, params, sets)
-        q_labels, k_labels = q_km.labels, k_km.labels  # (G, V) int32
-        q_sizes, k_sizes = cluster_sizes(q_labels, counts[0]), cluster_sizes(k_labels, counts[1])  # (G, C)
+        q_cl, k_cl, iters, identity = run_clusters(qv, kv, counts, (B, H, V, D), state, params, sets)
+        q_labels, k_labels = q_cl.labels, k_cl.labels  # (G, V) int32
+        q_sizes, k_sizes = q_cl.sizes, k_cl.sizes  # (G, C)
 
         if params.num_sampled_rows:
             mass = sampled_mass(qv, kv, q_labels, k_labels, q_sizes, counts[1], params.num_sampled_rows)
         else:
-            spreads = cluster_variance(kv, k_km.centroids, k_labels), cluster_variance(qv, q_km.centroids, q_labels)
-            mass = cluster_mass(q_km.centroids, k_km.centroids, k_sizes, *spreads)
+            mass = cluster_mass(q_cl.centroids, k_cl.centroids, k_sizes, k_cl.variance, q_cl.variance)
         min_keep = floor_count(counts[1], params.min_k_ratio)
         if params.density is None:
             selected = select_top_p(mass, params.top_p, min_keep)

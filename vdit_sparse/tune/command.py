@@ -29,6 +29,7 @@ from ..flags import add_generation_args, parse_generation_args, read_prompt_file
 from ..generate import GenerateRequest
 from .calibrate import TILESKIP_KNOB, Candidate, Recorder, candidates, knobs_of, recording, sampled_steps
 from .cost import CostModel, load_cost_model
+from .direct import measured_options, probe_table, video_mse
 from .job import Calibration, TuneJob
 from .search import PSNR_CAP, InfeasibleTarget, Option, choose, error_for_psnr, fit_psnr, totals
 
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-sensitivity", action="store_true",
                    help="weigh each layer's attention error by how much of it reaches the video, measured with one "
                         "run per layer and calibration prompt (that layer sparse, the others dense)")
+    p.add_argument("--measure-candidates", action="store_true",
+                   help="measure every candidate's own video error (one run per layer, candidate and calibration "
+                        "prompt, that layer at the candidate and the others dense) instead of predicting it from "
+                        "the attention error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # --cache magcache (no target, no knob): measure MagCache's magnitude ratios on dense runs and write them
     # into the table (caches: magcache: mag_ratios), for generate --tuned NAME --cache magcache
@@ -106,8 +111,11 @@ def check_args(args) -> None:
         raise UserError(f"--tuned {args.tuned!r}: tune writes a table and does not start from one; drop --tuned")
     if args.ulysses_degree != 1:  # calibration observes every head of a layer in one process
         raise UserError(f"--ulysses-degree {args.ulysses_degree}: tune runs on one device; drop the flag")
-    if args.layer_sensitivity and parse_cache(args.cache)[0]:
-        raise UserError("--layer-sensitivity: not with --cache tileskip (its probe runs need the other layers plain dense)")
+    if args.layer_sensitivity and args.measure_candidates:
+        raise UserError("--measure-candidates: measures what --layer-sensitivity estimates; give one of them")
+    for flag, on in (("--layer-sensitivity", args.layer_sensitivity), ("--measure-candidates", args.measure_candidates)):
+        if on and parse_cache(args.cache)[0]:
+            raise UserError(f"{flag}: not with --cache tileskip (its probe runs need the other layers plain dense)")
     if args.sampled_steps < 1 or args.rounds < 1:
         raise UserError(f"--sampled-steps {args.sampled_steps} / --rounds {args.rounds}: must be positive integers")
     _check_knob(args)
@@ -382,28 +390,36 @@ def layer_sensitivity(job: TuneJob, pipe, cal: Calibration) -> dict[int, float]:
     (by error) with every other layer dense; its weight is the video's MSE against dense per unit of
     predicted error. The search then spends the error budget where it costs the video least.
     """
+    options = cal.options
+    run = probe_runner(pipe, job.requests(job.cal_prompts), cal.references, job.out)
+    raw = {}
+    for layer, opts in options.items():
+        lossy = sorted((o for o in opts if o.error > 0), key=lambda o: o.error)
+        if not lossy:
+            continue
+        option = lossy[len(lossy) // 2]
+        psnr = run(probe_table(options, layer, option), f"layer {layer} alone at {option.setting}")
+        raw[layer] = video_mse(psnr) / option.error  # video MSE (frames in [0, 1]) per unit attention error
+    mean = float(np.mean(list(raw.values()))) if raw else 1.0
+    return {layer: raw.get(layer, mean) / mean if mean > 0 else 1.0 for layer in options}
+
+
+def probe_runner(pipe, cal_requests, references, out: Path):
+    """A function (table, label) -> mean PSNR of the calibration prompts run with that per-layer table."""
     import yaml
 
     from ..atomicfile import atomic_write
 
-    options, cal_requests, references = cal.options, job.requests(job.cal_prompts), cal.references
-    probe = job.out.with_name(job.out.stem + ".probe.yaml")
-    raw = {}
-    try:
-        for layer, opts in options.items():
-            lossy = sorted((o for o in opts if o.error > 0), key=lambda o: o.error)
-            if not lossy:
-                continue
-            option = lossy[len(lossy) // 2]
-            table = {other: {"attention": "dense"} for other in options}
-            table[layer] = dict(option.setting)
-            atomic_write(probe, yaml.safe_dump({"layers": table}, sort_keys=False))
-            psnr = psnr_of(pipe, cal_requests, references, f"layer {layer} alone at {option.setting}", tuned=probe)
-            raw[layer] = 10 ** (-psnr / 10) / option.error  # video MSE (frames in [0, 1]) per unit attention error
-    finally:
-        probe.unlink(missing_ok=True)
-    mean = float(np.mean(list(raw.values()))) if raw else 1.0
-    return {layer: raw.get(layer, mean) / mean if mean > 0 else 1.0 for layer in options}
+    probe = out.with_name(out.stem + ".probe.yaml")
+
+    def run(table: dict, desc: str) -> float:
+        atomic_write(probe, yaml.safe_dump({"layers": table}, sort_keys=False))
+        try:
+            return psnr_of(pipe, cal_requests, references, desc, tuned=probe)
+        finally:
+            probe.unlink(missing_ok=True)
+
+    return run
 
 
 def _with_settings(req: GenerateRequest, settings: dict) -> GenerateRequest:
@@ -495,6 +511,8 @@ def metadata(job: TuneJob, cal: Calibration, chosen: dict[int, Option]) -> dict:
     }
     if cal.weights is not None:
         meta["layer_sensitivity"] = {layer: round(w, 4) for layer, w in cal.weights.items()}
+    if job.measure_candidates:
+        meta["error_unit"] = "video MSE of the layer's candidate alone (measured)"
     return meta
 
 
@@ -534,6 +552,7 @@ def make_job(args) -> TuneJob:
     return TuneJob(None if magcache else args.knob, values, args.target_psnr, args.target_error, out, tuple(cal_prompts),
                    tuple(holdout), cost, base, cfg, spec, rounds=args.rounds, repeats=args.repeats,
                    validate=not args.no_validate, layer_sensitivity=args.layer_sensitivity,
+                   measure_candidates=args.measure_candidates,
                    sampled_steps=args.sampled_steps)
 
 
@@ -557,6 +576,8 @@ def calibrate_layers(job: TuneJob, pipe) -> Calibration:
         cal.weights = layer_sensitivity(job, pipe, cal)
         cal.options = {layer: [replace(o, error=o.error * cal.weights[layer]) for o in opts]
                        for layer, opts in options.items()}
+    if job.measure_candidates:  # the video's own error per candidate replaces the attention-error curves
+        cal.options = measured_options(options, probe_runner(pipe, job.requests(job.cal_prompts), cal.references, job.out))
     return cal
 
 

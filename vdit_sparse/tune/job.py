@@ -36,6 +36,7 @@ class TuneJob:
     repeats: int = 3
     validate: bool = True
     layer_sensitivity: bool = False
+    measure_candidates: bool = False  # every candidate's video error measured (tune/direct.py)
     sampled_steps: int = 3
 
     @property
