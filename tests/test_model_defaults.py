@@ -2,7 +2,7 @@
 
 import pytest
 
-from vdit_sparse.generate import GenerateRequest, resolve, run_settings
+from vdit_sparse.generate import GenerateRequest, resolve, run_settings, run_spec
 
 
 def settings_of(**kw):
@@ -15,6 +15,27 @@ def test_the_long_models_tileskip_block_size_applies_only_with_tileskip():
     assert settings_of(model="tiny-long", attention="svg", cache="tileskip").block_size == 32
     assert settings_of(model="tiny-long").block_size == 64  # no tile-skip: the method's own default
     assert settings_of(model="tiny", cache="tileskip").block_size == 64  # the short model sets nothing
+
+
+def test_the_long_models_svg2_cluster_counts_apply_to_svg2_only():
+    s = settings_of(model="tiny-long", attention="svg2")
+    assert (s.num_q_clusters, s.num_k_clusters) == (16, 32)
+    s = settings_of(model="tiny", attention="svg2")
+    assert (s.num_q_clusters, s.num_k_clusters) == (100, 500)  # SVG2's own, sized for large models
+    s = settings_of(model="tiny-long", attention="svg2", settings={"num_k_clusters": 64})
+    assert (s.num_q_clusters, s.num_k_clusters) == (16, 64)
+    assert not hasattr(settings_of(model="tiny-long", attention="svg"), "num_q_clusters")
+
+
+def test_the_long_models_tileskip_threshold_applies_and_the_users_wins():
+    def threshold(**kw):
+        req = GenerateRequest(prompt="a red square moving right", **kw)
+        return run_spec(resolve(req), req).tileskip.threshold
+
+    assert threshold(model="tiny-long", cache="tileskip") == -1
+    assert threshold(model="tiny", cache="tileskip") == pytest.approx(-14.4)  # the method's published default
+    assert threshold(model="tiny-long", cache="tileskip", settings={"threshold": -3.0}) == -3.0
+    assert threshold(model="tiny-long", cache="tileskip", overrides=("tileskip.threshold=-2",)) == -2
 
 
 @pytest.mark.parametrize("how", ["flag", "hydra"])
@@ -35,6 +56,6 @@ def test_the_sidecar_records_the_models_defaults_and_the_settings_used(tmp_path,
     assert main(["generate", "a red square moving right", "--model", "tiny-long", "--random-weights", "--cache",
                  "tileskip", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32", "--out", "v.mp4"]) == 0
     side = json.loads((tmp_path / "v.json").read_text())
-    assert side["config"]["model_method_defaults"] == {"block_size": 32}
+    assert side["config"]["model_method_defaults"] == {"block_size": 32, "threshold": -1}
     assert side["config"]["settings"]["block_size"] == 32
     assert side["weights"] == {"source": "random (--random-weights)", "trained": False, "sha256": None}
