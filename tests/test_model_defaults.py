@@ -17,16 +17,6 @@ def test_the_long_models_tileskip_block_size_applies_only_with_tileskip():
     assert settings_of(model="tiny", cache="tileskip").block_size == 64  # the short model sets nothing
 
 
-def test_the_long_models_svg2_cluster_counts_apply_to_svg2_only():
-    s = settings_of(model="tiny-long", attention="svg2")
-    assert (s.num_q_clusters, s.num_k_clusters) == (16, 32)
-    s = settings_of(model="tiny", attention="svg2")
-    assert (s.num_q_clusters, s.num_k_clusters) == (100, 500)  # SVG2's own, sized for large models
-    s = settings_of(model="tiny-long", attention="svg2", settings={"num_k_clusters": 64})
-    assert (s.num_q_clusters, s.num_k_clusters) == (16, 64)
-    assert not hasattr(settings_of(model="tiny-long", attention="svg"), "num_q_clusters")
-
-
 def test_the_long_models_tileskip_threshold_applies_and_the_users_wins():
     def threshold(**kw):
         req = GenerateRequest(prompt="a red square moving right", **kw)
